@@ -1,0 +1,341 @@
+"""On-disk bank format (safetensors + JSON, no pickle) and safe reading of the legacy layout.
+
+Our layout, one directory::
+
+    config.json                 manifest: format, model, hidden size, layers, dtype, counts, build
+    entries.safetensors         token_id, caption_id, position: int64 [M] (stored once)
+    captions.json               list[str] indexed by caption_id
+    tokens.json                 {token_id: token string}
+    layer_XX.safetensors        "embeddings" [N, d]; optional "entry" int64 [N] → entries row
+
+A layer without an "entry" key maps row i to entry i. Loading one layer reads only its file.
+
+The original release's layout (``layer_N/embeddings_cache.pt`` + ``metadata.json``) is read
+with ``torch.load(weights_only=True)``: a file whose unpickling would run code is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from latentlens import constants as C
+from latentlens.atomic import atomic_path, read_json, write_json
+from latentlens.errors import BankFormatError, LayerNotFoundError
+
+logger = logging.getLogger(__name__)
+
+_MANIFEST_KEYS = {
+    "format",
+    "format_version",
+    "latentlens_version",
+    "model_name",
+    "model_revision",
+    "hidden_dim",
+    "layers",
+    "dtype",
+    "normalized",
+    "num_entries",
+    "rows_per_layer",
+    "build",
+    "embedding_hash",
+}
+
+
+@dataclass(frozen=True)
+class Entries:
+    """Per-entry metadata shared by all layers.
+
+    Attributes:
+        token_id: ``[M]`` int64 vocabulary id of the token.
+        caption_id: ``[M]`` int64 index into ``captions``.
+        position: ``[M]`` int64 index of the token among its sentence's non-pad tokens.
+        captions: the distinct captions.
+        token_strs: decoded string of each token id that occurs.
+    """
+
+    token_id: torch.Tensor
+    caption_id: torch.Tensor
+    position: torch.Tensor
+    captions: list[str]
+    token_strs: dict[int, str]
+
+    def __len__(self) -> int:
+        return int(self.token_id.shape[0])
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, Any]]) -> Entries:
+        """Build from dicts with ``token_str``, ``token_id``, ``caption``, ``position``."""
+        caption_ids: dict[str, int] = {}
+        token_strs: dict[int, str] = {}
+        tid, cid, pos = [], [], []
+        for i, r in enumerate(records):
+            try:
+                t = int(r.get("token_id", -1))
+                caption = str(r.get("caption", ""))
+                p = int(r.get("position", -1))
+                s = str(r["token_str"]) if "token_str" in r else None
+            except (TypeError, ValueError, AttributeError) as e:
+                raise BankFormatError(f"entry {i} is malformed ({e}): {r!r:.200}") from e
+            if s is not None:
+                prev = token_strs.setdefault(t, s)
+                if prev != s and t == -1:
+                    # Entries without ids: give each distinct string its own negative id.
+                    t = -2 - len(token_strs)
+                    token_strs[t] = s
+            tid.append(t)
+            cid.append(caption_ids.setdefault(caption, len(caption_ids)))
+            pos.append(p)
+        return cls(
+            token_id=torch.tensor(tid, dtype=torch.int64),
+            caption_id=torch.tensor(cid, dtype=torch.int64),
+            position=torch.tensor(pos, dtype=torch.int64),
+            captions=list(caption_ids),
+            token_strs=token_strs,
+        )
+
+    def record(self, i: int) -> dict[str, Any]:
+        """Entry ``i`` as a dict (token_str, token_id, caption, position)."""
+        t = int(self.token_id[i])
+        return {
+            "token_str": self.token_strs.get(t, ""),
+            "token_id": t,
+            "caption": self.captions[int(self.caption_id[i])],
+            "position": int(self.position[i]),
+        }
+
+
+def layer_path(root: Path, layer: int) -> Path:
+    """Path of one layer's safetensors file."""
+    return root / C.LAYER_FILE.format(layer=layer)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` → ``"float16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float16"``/``"fp16"``/``torch.float16`` → ``torch.float16`` (storage dtypes only)."""
+    if isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
+               "float": "float32", "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn"}
+    key = aliases.get(name.lower(), name.lower())
+    if key not in C.STORAGE_DTYPES:
+        raise ValueError(f"unsupported bank dtype {name!r}; choose one of {', '.join(C.STORAGE_DTYPES)}")
+    return getattr(torch, key)
+
+
+def to_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast rows for storage; fp8 is clipped to ±448 first (e4m3fn has no inf)."""
+    if dtype == getattr(torch, "float8_e4m3fn", None):
+        x = x.float().clamp(-C.FP8_MAX, C.FP8_MAX)
+    return x.to(dtype)
+
+
+def write_entries(root: Path, entries: Entries) -> None:
+    """Write the shared entry table (atomically, file by file)."""
+    with atomic_path(root / C.ENTRIES_FILE) as tmp:
+        save_file(
+            {
+                "token_id": entries.token_id.contiguous(),
+                "caption_id": entries.caption_id.contiguous(),
+                "position": entries.position.contiguous(),
+            },
+            str(tmp),
+        )
+    write_json(root / C.CAPTIONS_FILE, entries.captions, indent=None)
+    write_json(root / C.TOKENS_FILE, {str(k): v for k, v in entries.token_strs.items()}, indent=None)
+
+
+def write_layer(root: Path, layer: int, emb: torch.Tensor, entry: torch.Tensor | None) -> None:
+    """Write one layer file atomically."""
+    tensors = {C.EMBEDDINGS_KEY: emb.detach().cpu().contiguous()}
+    if entry is not None:
+        tensors[C.ENTRY_KEY] = entry.detach().cpu().to(torch.int64).contiguous()
+    with atomic_path(layer_path(root, layer)) as tmp:
+        save_file(tensors, str(tmp), metadata={"layer": str(layer)})
+
+
+def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
+    """Write config.json last: its presence marks a complete bank."""
+    write_json(root / C.CONFIG_FILE, dict(manifest))
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """Read and check ``config.json``; warn on and drop unknown keys."""
+    path = root / C.CONFIG_FILE
+    try:
+        manifest = read_json(path)
+    except FileNotFoundError:
+        raise BankFormatError(f"{root} has no {C.CONFIG_FILE}: not a latentlens bank") from None
+    except ValueError as e:
+        raise BankFormatError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise BankFormatError(f"{path} must hold a JSON object")
+    unknown = set(manifest) - _MANIFEST_KEYS
+    if unknown:
+        logger.warning("ignoring unknown keys in %s: %s", path, sorted(unknown))
+        manifest = {k: v for k, v in manifest.items() if k in _MANIFEST_KEYS}
+    version = str(manifest.get("format_version", ""))
+    major = version.split(".")[0]
+    if not major.isdigit():
+        raise BankFormatError(f"{path}: missing or malformed format_version {version!r}")
+    if int(major) > int(C.FORMAT_VERSION.split(".")[0]):
+        raise BankFormatError(
+            f"{path} has format_version {version}, newer than this latentlens reads "
+            f"({C.FORMAT_VERSION}); upgrade latentlens"
+        )
+    for key in ("hidden_dim", "layers"):
+        if key not in manifest:
+            raise BankFormatError(f"{path} lacks the required key {key!r}")
+    manifest["layers"] = [int(x) for x in manifest["layers"]]
+    return manifest
+
+
+def read_entries(root: Path) -> Entries:
+    """Read the shared entry table."""
+    for name in (C.ENTRIES_FILE, C.CAPTIONS_FILE, C.TOKENS_FILE):
+        if not (root / name).exists():
+            raise BankFormatError(f"bank {root} is incomplete: missing {name}")
+    try:
+        with safe_open(str(root / C.ENTRIES_FILE), framework="pt") as f:
+            cols = {k: f.get_tensor(k) for k in ("token_id", "caption_id", "position")}
+        captions = read_json(root / C.CAPTIONS_FILE)
+        tokens = read_json(root / C.TOKENS_FILE)
+    except (SafetensorError, KeyError, ValueError, OSError) as e:
+        raise BankFormatError(f"bank {root} has a corrupt entry table: {e}") from e
+    if not isinstance(captions, list) or not isinstance(tokens, dict):
+        raise BankFormatError(f"bank {root}: captions.json must be a list, tokens.json an object")
+    n = cols["token_id"].shape[0]
+    if cols["caption_id"].shape[0] != n or cols["position"].shape[0] != n:
+        raise BankFormatError(f"bank {root}: entry columns have different lengths")
+    if n and int(cols["caption_id"].max()) >= len(captions):
+        raise BankFormatError(f"bank {root}: caption_id points past captions.json")
+    return Entries(
+        token_id=cols["token_id"].to(torch.int64),
+        caption_id=cols["caption_id"].to(torch.int64),
+        position=cols["position"].to(torch.int64),
+        captions=[str(c) for c in captions],
+        token_strs={int(k): str(v) for k, v in tokens.items()},
+    )
+
+
+def read_layer(
+    root: Path,
+    layer: int,
+    *,
+    device: torch.device | str = "cpu",
+    rows: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read one layer's rows (optionally only ``rows=(start, stop)``) without touching others.
+
+    Returns:
+        ``(embeddings [N, d], entry [N] int64 or None)``.
+    """
+    path = layer_path(root, layer)
+    if not path.exists():
+        raise BankFormatError(f"bank {root} is missing {path.name} (layer {layer})")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            keys = set(f.keys())
+            if C.EMBEDDINGS_KEY not in keys:
+                raise BankFormatError(f"{path} has no {C.EMBEDDINGS_KEY!r} tensor")
+            if rows is None:
+                emb = f.get_tensor(C.EMBEDDINGS_KEY)
+                entry = f.get_tensor(C.ENTRY_KEY) if C.ENTRY_KEY in keys else None
+            else:
+                emb = f.get_slice(C.EMBEDDINGS_KEY)[rows[0] : rows[1]]
+                entry = f.get_slice(C.ENTRY_KEY)[rows[0] : rows[1]] if C.ENTRY_KEY in keys else None
+    except SafetensorError as e:
+        raise BankFormatError(f"{path} is not a readable safetensors file: {e}") from e
+    if emb.ndim != 2:
+        raise BankFormatError(f"{path}: embeddings must be 2-D [N, d], got {tuple(emb.shape)}")
+    return emb, (entry.to(torch.int64) if entry is not None else None)
+
+
+# ── legacy layout ─────────────────────────────────────────────────────────────────────
+
+_LEGACY_DIR = re.compile(r"^layer_(\d+)$")
+
+
+def is_legacy(root: Path) -> bool:
+    """Whether ``root`` holds the original release's layout."""
+    return not (root / C.CONFIG_FILE).exists() and (
+        (root / C.LEGACY_META_FILE).exists() or any(legacy_layers(root))
+    )
+
+
+def legacy_layers(root: Path) -> list[int]:
+    """Layers present as ``layer_N/embeddings_cache.pt``."""
+    found = []
+    for p in root.glob("layer_*"):
+        m = _LEGACY_DIR.match(p.name)
+        if m and (p / "embeddings_cache.pt").exists():
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load`` with weights-only unpickling; refuse anything that would run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BankFormatError(
+            f"refusing to load {path}: it holds pickled objects outside the safe set "
+            f"(tensors, dicts, lists, str, numbers), so reading it could run code. "
+            f"Details: {str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise BankFormatError(f"{path} is not a readable torch file: {e}") from e
+
+
+def load_legacy_layer(path: Path) -> tuple[torch.Tensor, list[Mapping[str, Any]]]:
+    """Read one ``embeddings_cache.pt`` → ``(embeddings [N, d], metadata dicts)``."""
+    obj = safe_torch_load(path)
+    if not isinstance(obj, dict) or "embeddings" not in obj or "metadata" not in obj:
+        raise BankFormatError(f"{path}: expected a dict with 'embeddings' and 'metadata'")
+    emb, meta = obj["embeddings"], obj["metadata"]
+    if not isinstance(emb, torch.Tensor) or emb.ndim != 2:
+        raise BankFormatError(f"{path}: 'embeddings' must be a 2-D tensor")
+    if not isinstance(meta, list) or len(meta) != emb.shape[0]:
+        raise BankFormatError(
+            f"{path}: 'metadata' must be a list with one dict per row "
+            f"({emb.shape[0]} rows, got {type(meta).__name__} of {len(meta) if isinstance(meta, list) else '?'})"
+        )
+    return emb, meta
+
+
+def merge_legacy(
+    per_layer: Mapping[int, Sequence[Mapping[str, Any]]],
+) -> tuple[Entries, dict[int, torch.Tensor | None]]:
+    """Combine per-layer metadata lists into one entry table plus per-layer row maps.
+
+    Layers whose metadata match the first layer's row for row share it (map ``None``).
+    """
+    layers = sorted(per_layer)
+    keyed: dict[tuple[Any, ...], int] = {}
+    records: list[Mapping[str, Any]] = []
+    maps: dict[int, torch.Tensor | None] = {}
+    for layer in layers:
+        idx = []
+        for r in per_layer[layer]:
+            if not isinstance(r, Mapping):
+                raise BankFormatError(f"layer {layer}: metadata rows must be dicts, got {type(r).__name__}")
+            key = (r.get("token_id"), r.get("token_str"), r.get("caption"), r.get("position"))
+            if key not in keyed:
+                keyed[key] = len(records)
+                records.append(r)
+            idx.append(keyed[key])
+        maps[layer] = None if idx == list(range(len(idx))) else torch.tensor(idx, dtype=torch.int64)
+    return Entries.from_records(records), maps

@@ -1,0 +1,74 @@
+"""Fetch bank files from the Hugging Face Hub: only the requested layers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from latentlens import constants as C
+from latentlens.atomic import read_json
+from latentlens.errors import BankFormatError, LayerNotFoundError
+
+
+def download_bank(
+    repo_id: str,
+    layers: Sequence[int] | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Download the manifest, entry table and requested layer files of a Hub bank.
+
+    Reads our format (``config.json``) or, failing that, the original release's
+    (``metadata.json`` + ``layer_N/embeddings_cache.pt``). Files already in the cache are
+    not downloaded again; with ``HF_HUB_OFFLINE=1`` only the cache is used.
+
+    Returns:
+        The local snapshot directory holding the files.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    def fetch(name: str) -> Path:
+        return Path(
+            hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, repo_type="model")
+        )
+
+    missing_errors = (EntryNotFoundError, LocalEntryNotFoundError)
+    try:
+        config_path = fetch(C.CONFIG_FILE)
+    except missing_errors:
+        config_path = None
+    if config_path is not None:
+        manifest = read_json(config_path)
+        available = [int(x) for x in manifest.get("layers", [])]
+        chosen = _check(available, layers, repo_id)
+        for name in (C.ENTRIES_FILE, C.CAPTIONS_FILE, C.TOKENS_FILE):
+            fetch(name)
+        for layer in chosen:
+            fetch(C.LAYER_FILE.format(layer=layer))
+        return config_path.parent
+    try:
+        meta_path = fetch(C.LEGACY_META_FILE)
+    except missing_errors as e:
+        raise BankFormatError(
+            f"{repo_id} has neither {C.CONFIG_FILE} nor {C.LEGACY_META_FILE} "
+            f"(or they are not in the local cache while offline): {e}"
+        ) from e
+    meta = read_json(meta_path)
+    available = [int(x) for x in meta.get("layers", [])] if isinstance(meta, dict) else []
+    chosen = _check(available, layers, repo_id)
+    for layer in chosen:
+        fetch(C.LEGACY_LAYER_FILE.format(layer=layer))
+    return meta_path.parent
+
+
+def _check(available: list[int], wanted: Sequence[int] | None, repo_id: str) -> list[int]:
+    if not available:
+        raise BankFormatError(f"{repo_id}: its manifest lists no layers")
+    if wanted is None:
+        return sorted(available)
+    missing = sorted({int(x) for x in wanted} - set(available))
+    if missing:
+        raise LayerNotFoundError(f"layer(s) {missing} not in {repo_id}; available: {sorted(available)}")
+    return sorted({int(x) for x in wanted})

@@ -1,0 +1,471 @@
+"""``ContextualIndex``: a bank of contextual text-token vectors, searchable across layers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentlens import bank as B
+from latentlens import constants as C
+from latentlens.atomic import read_json
+from latentlens.errors import BankFormatError, LatentLensError, LayerNotFoundError
+from latentlens.search import Precision, RowNorms, SearchHits, search_banks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Neighbor:
+    """One nearest contextual neighbour of a query vector."""
+
+    token_str: str
+    similarity: float
+    caption: str = ""
+    position: int = -1
+    token_id: int = -1
+    contextual_layer: int = -1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (the field names of the original release's JSON)."""
+        return asdict(self)
+
+
+class ContextualIndex:
+    """Contextual embeddings of an LLM at several layers, with their token/caption metadata.
+
+    Rows of every layer refer to a shared entry table (token, caption, position). Layers
+    live on one device in their stored dtype (fp16 by default) and are never upcast or
+    copied as a whole by :meth:`search`.
+
+    Build one with :func:`latentlens.build_index`, :meth:`from_tensors`,
+    :meth:`from_directory` or :meth:`from_pretrained`.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[int, torch.Tensor],
+        entries: B.Entries,
+        *,
+        entry_index: Mapping[int, torch.Tensor | None] | None = None,
+        manifest: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Wrap already-prepared tensors (no copy).
+
+        Args:
+            layers: ``{layer: [N_l, d]}`` rows, any float/fp8 dtype, all on one device.
+            entries: the shared entry table.
+            entry_index: ``{layer: [N_l] int64}`` row → entry maps; missing/None = identity.
+            manifest: extra metadata (model name, build parameters, …) kept on save.
+
+        Raises:
+            BankFormatError: inconsistent widths, row counts or non-finite rows.
+        """
+        if not layers:
+            raise BankFormatError("an index needs at least one layer")
+        dims = {int(t.shape[1]) if t.ndim == 2 else -1 for t in layers.values()}
+        if len(dims) != 1 or -1 in dims:
+            raise BankFormatError(f"all layers must be 2-D with one width; got widths {sorted(dims)}")
+        devices = {t.device for t in layers.values()}
+        if len(devices) != 1:
+            raise BankFormatError(f"all layers must be on one device; got {devices}")
+        self._layers: dict[int, torch.Tensor] = {int(k): v for k, v in sorted(layers.items())}
+        self.entries = entries
+        self._entry_index: dict[int, torch.Tensor | None] = {}
+        for layer, emb in self._layers.items():
+            idx = (entry_index or {}).get(layer)
+            if idx is None:
+                if emb.shape[0] > len(entries):
+                    raise BankFormatError(
+                        f"layer {layer} has {emb.shape[0]} rows but only {len(entries)} entries"
+                    )
+            else:
+                idx = idx.to("cpu", torch.int64)
+                if idx.shape != (emb.shape[0],):
+                    raise BankFormatError(f"layer {layer}: entry map has shape {tuple(idx.shape)}")
+                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(entries)):
+                    raise BankFormatError(f"layer {layer}: entry map points outside the entry table")
+            self._entry_index[layer] = idx
+        self.manifest: dict[str, Any] = dict(manifest or {})
+        self._norms: dict[int, RowNorms] = {}
+        for layer, emb in self._layers.items():
+            norms = RowNorms.of(emb)
+            if not bool(torch.isfinite(norms.norm).all()):
+                raise BankFormatError(f"layer {layer} contains NaN or inf values")
+            self._norms[layer] = norms
+
+    # ── construction ──────────────────────────────────────────────────────────────
+
+    @classmethod
+    def from_tensors(
+        cls,
+        layers: Mapping[int, torch.Tensor],
+        metadata: Sequence[Mapping[str, Any]],
+        *,
+        dtype: torch.dtype | str | None = torch.float16,
+        normalize: bool = True,
+        device: torch.device | str | None = None,
+        model_name: str = "",
+    ) -> ContextualIndex:
+        """Build an index from vectors and one metadata dict per row (shared by all layers).
+
+        Args:
+            layers: ``{layer: [N, d]}``; every layer has the same ``N`` rows as ``metadata``.
+            metadata: dicts with ``token_str``, ``token_id``, ``caption``, ``position``.
+            dtype: storage dtype (``None`` keeps the given one). fp8 is clipped to ±448.
+            normalize: L2-normalise rows (in fp32) before casting to ``dtype``.
+            device: where the rows live (default: where they are).
+            model_name: recorded in the manifest.
+        """
+        entries = B.Entries.from_records(metadata)
+        prepared = {}
+        for layer, emb in layers.items():
+            if emb.ndim != 2 or emb.shape[0] != len(entries):
+                raise BankFormatError(
+                    f"layer {layer}: expected [{len(entries)}, d] rows, got {tuple(emb.shape)}"
+                )
+            x = emb.to(device) if device is not None else emb
+            if normalize:
+                x = torch.nn.functional.normalize(x.float(), dim=-1)
+            prepared[layer] = B.to_storage(x, B.parse_dtype(dtype)) if dtype is not None else x
+        return cls(prepared, entries, manifest={"model_name": model_name, "normalized": normalize})
+
+    @classmethod
+    def from_directory(
+        cls,
+        path: str | os.PathLike[str],
+        layers: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> ContextualIndex:
+        """Load a bank saved by :meth:`save`, or the original release's legacy layout.
+
+        Args:
+            path: bank directory.
+            layers: layers to load (default all); others are not read.
+            device: device for the rows (default CPU).
+            dtype: convert rows once at load (default: keep the stored dtype).
+
+        Raises:
+            BankFormatError: missing, corrupt or unsafe files.
+            LayerNotFoundError: a requested layer is not in the bank.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise BankFormatError(f"bank directory {root} does not exist")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if B.is_legacy(root):
+            return cls._from_legacy(root, layers, device, dtype)
+        manifest = B.read_manifest(root)
+        chosen = _choose_layers(manifest["layers"], layers, root)
+        entries = B.read_entries(root)
+        embs, maps = {}, {}
+        for layer in chosen:
+            emb, entry = B.read_layer(root, layer, device=device)
+            if emb.shape[1] != int(manifest["hidden_dim"]):
+                raise BankFormatError(
+                    f"layer {layer} has width {emb.shape[1]}, manifest says {manifest['hidden_dim']}"
+                )
+            embs[layer] = emb.to(B.parse_dtype(dtype)) if dtype is not None else emb
+            maps[layer] = entry
+        return cls(embs, entries, entry_index=maps, manifest=manifest)
+
+    @classmethod
+    def _from_legacy(
+        cls,
+        root: Path,
+        layers: Sequence[int] | None,
+        device: torch.device,
+        dtype: torch.dtype | str | None,
+    ) -> ContextualIndex:
+        available = B.legacy_layers(root)
+        chosen = _choose_layers(available, layers, root)
+        embs, metas = {}, {}
+        for layer in chosen:
+            emb, meta = B.load_legacy_layer(root / C.LEGACY_LAYER_FILE.format(layer=layer))
+            emb = emb.to(device)
+            embs[layer] = emb.to(B.parse_dtype(dtype)) if dtype is not None else emb
+            metas[layer] = meta
+        entries, maps = B.merge_legacy(metas)
+        manifest: dict[str, Any] = {"legacy": True}
+        meta_path = root / C.LEGACY_META_FILE
+        if meta_path.exists():
+            try:
+                legacy = read_json(meta_path)
+                if isinstance(legacy, dict):
+                    manifest["model_name"] = str(legacy.get("model_name", legacy.get("model", "")))
+            except ValueError as e:
+                raise BankFormatError(f"{meta_path} is not valid JSON: {e}") from e
+        return cls(embs, entries, entry_index=maps, manifest=manifest)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        layers: Sequence[int] | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> ContextualIndex:
+        """Load a bank from a local directory or a Hugging Face Hub repo.
+
+        Only the requested layers' files are downloaded. Works offline from the local
+        cache (``HF_HUB_OFFLINE=1``). Reads our format and the original release's.
+        """
+        if Path(repo_id).is_dir():
+            return cls.from_directory(repo_id, layers=layers, device=device, dtype=dtype)
+        from latentlens.hub import download_bank
+
+        local = download_bank(repo_id, layers=layers, revision=revision, cache_dir=cache_dir)
+        return cls.from_directory(local, layers=layers, device=device, dtype=dtype)
+
+    # ── persistence ───────────────────────────────────────────────────────────────
+
+    def save(self, path: str | os.PathLike[str], dtype: torch.dtype | str | None = None) -> Path:
+        """Write the index in the pickle-free format (each file atomic, manifest last).
+
+        Args:
+            path: target directory (created).
+            dtype: storage dtype (default: keep each layer's current dtype).
+
+        Returns:
+            The directory written.
+        """
+        from latentlens import __version__
+
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        B.write_entries(root, self.entries)
+        stored = None
+        for layer, emb in self._layers.items():
+            out = B.to_storage(emb, B.parse_dtype(dtype)) if dtype is not None else emb
+            stored = out.dtype
+            B.write_layer(root, layer, out, self._entry_index[layer])
+        manifest = {k: v for k, v in self.manifest.items() if k in B._MANIFEST_KEYS}
+        manifest.update(
+            format=C.FORMAT_NAME,
+            format_version=C.FORMAT_VERSION,
+            latentlens_version=__version__,
+            hidden_dim=self.hidden_dim,
+            layers=self.available_layers,
+            dtype=B.dtype_name(stored) if stored is not None else "",
+            num_entries=len(self.entries),
+            rows_per_layer={str(k): int(v.shape[0]) for k, v in self._layers.items()},
+        )
+        manifest.setdefault("model_name", "")
+        B.write_manifest(root, manifest)
+        return root
+
+    # ── properties ────────────────────────────────────────────────────────────────
+
+    @property
+    def available_layers(self) -> list[int]:
+        """Sorted layers held."""
+        return list(self._layers)
+
+    @property
+    def hidden_dim(self) -> int:
+        """Width ``d`` of every row."""
+        return int(next(iter(self._layers.values())).shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        """Device the rows live on."""
+        return next(iter(self._layers.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the rows."""
+        return next(iter(self._layers.values())).dtype
+
+    @property
+    def model_name(self) -> str:
+        """Name of the model the bank was built from ('' if unknown)."""
+        return str(self.manifest.get("model_name", ""))
+
+    def embeddings(self, layer: int) -> torch.Tensor:
+        """The stored rows of one layer ``[N, d]`` (a view, not a copy)."""
+        self._check_layers([layer])
+        return self._layers[layer]
+
+    def num_rows(self, layer: int) -> int:
+        """Row count of one layer."""
+        return int(self.embeddings(layer).shape[0])
+
+    def nbytes(self) -> int:
+        """Memory held by the rows of every layer."""
+        return sum(t.numel() * t.element_size() for t in self._layers.values())
+
+    def __len__(self) -> int:
+        """Total rows over all layers."""
+        return sum(int(t.shape[0]) for t in self._layers.values())
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{k}: {v.shape[0]:,}" for k, v in self._layers.items())
+        name = f"model={self.model_name!r}, " if self.model_name else ""
+        return (
+            f"ContextualIndex({name}layers={{{rows}}}, hidden_dim={self.hidden_dim}, "
+            f"dtype={B.dtype_name(self.dtype)}, device={self.device})"
+        )
+
+    def to(self, device: torch.device | str) -> ContextualIndex:
+        """Move the rows to ``device`` (in place); returns self."""
+        device = torch.device(device)
+        self._layers = {k: v.to(device) for k, v in self._layers.items()}
+        self._norms = {
+            k: RowNorms(n.norm.to(device), n.inv.to(device), n.max_deviation)
+            for k, n in self._norms.items()
+        }
+        return self
+
+    # ── search ────────────────────────────────────────────────────────────────────
+
+    def search_tensors(
+        self,
+        queries: torch.Tensor,
+        top_k: int = 5,
+        layers: Sequence[int] | None = None,
+        *,
+        precision: Precision = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Global top-k by cosine similarity across the selected layers, as tensors.
+
+        Args:
+            queries: ``[d]`` or ``[Q, d]``, any float dtype and device (normalised here).
+            top_k: neighbours per query (fewer if the layers hold fewer rows).
+            layers: bank layers to search (default all).
+            precision: ``"auto"``/``"fast"`` (low-precision scoring + certified re-rank) or
+                ``"exact"`` (fp32 scoring); both return exactly the fp64 answer.
+
+        Returns:
+            ``scores [Q, k]`` float32, ``layer [Q, k]`` int64, ``entry [Q, k]`` int64 (row in
+            :attr:`entries`), best first; ties go to the lower layer, then lower row.
+        """
+        hits = self._search(queries, top_k, layers, precision)
+        chosen = torch.tensor(self._selected(layers), dtype=torch.int64)
+        layer = chosen[hits.bank.cpu()]
+        entry = self._rows_to_entries(layer, hits.row.cpu())
+        return hits.scores.to(torch.float32).cpu(), layer, entry
+
+    def search_rows(
+        self,
+        queries: torch.Tensor,
+        top_k: int = 5,
+        layers: Sequence[int] | None = None,
+        *,
+        precision: Precision = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like :meth:`search_tensors` but returns float64 scores and the row in each layer."""
+        hits = self._search(queries, top_k, layers, precision)
+        chosen = torch.tensor(self._selected(layers), dtype=torch.int64)
+        return hits.scores.cpu(), chosen[hits.bank.cpu()], hits.row.cpu()
+
+    def search(
+        self,
+        queries: torch.Tensor,
+        top_k: int = 5,
+        layers: Sequence[int] | None = None,
+        *,
+        precision: Precision = "auto",
+    ) -> list[list[Neighbor]]:
+        """Nearest contextual neighbours of each query, best first.
+
+        Args:
+            queries: ``[d]`` or ``[Q, d]`` hidden states (any float dtype/device).
+            top_k: neighbours per query.
+            layers: bank layers to search (default all); the global top-k is kept.
+
+        Returns:
+            ``Q`` lists of :class:`Neighbor` with ``contextual_layer`` set.
+        """
+        scores, layer, entry = self.search_tensors(queries, top_k, layers, precision=precision)
+        return self.neighbors(scores, layer, entry)
+
+    def neighbors(
+        self, scores: torch.Tensor, layer: torch.Tensor, entry: torch.Tensor
+    ) -> list[list[Neighbor]]:
+        """Turn :meth:`search_tensors` output ``[Q, k]`` into :class:`Neighbor` lists."""
+        e = self.entries
+        tok = e.token_id[entry].tolist()
+        cap = e.caption_id[entry].tolist()
+        pos = e.position[entry].tolist()
+        out = []
+        for qs, ql, qt, qc, qp in zip(scores.tolist(), layer.tolist(), tok, cap, pos, strict=True):
+            out.append(
+                [
+                    Neighbor(
+                        token_str=e.token_strs.get(t, ""),
+                        similarity=s,
+                        caption=e.captions[c],
+                        position=p,
+                        token_id=t,
+                        contextual_layer=lay,
+                    )
+                    for s, lay, t, c, p in zip(qs, ql, qt, qc, qp, strict=True)
+                ]
+            )
+        return out
+
+    # ── internals ─────────────────────────────────────────────────────────────────
+
+    def _selected(self, layers: Sequence[int] | None) -> list[int]:
+        if layers is None:
+            return self.available_layers
+        chosen = sorted({int(x) for x in layers})
+        self._check_layers(chosen)
+        return chosen
+
+    def _check_layers(self, layers: Sequence[int]) -> None:
+        missing = [x for x in layers if x not in self._layers]
+        if missing:
+            raise LayerNotFoundError(
+                f"layer(s) {missing} not in this index; available: {self.available_layers}"
+            )
+
+    def _search(
+        self,
+        queries: torch.Tensor,
+        top_k: int,
+        layers: Sequence[int] | None,
+        precision: Precision,
+    ) -> SearchHits:
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        chosen = self._selected(layers)
+        if not chosen:
+            raise LatentLensError("layers=[] selects nothing to search")
+        return search_banks(
+            queries,
+            [self._layers[x] for x in chosen],
+            [self._norms[x] for x in chosen],
+            top_k,
+            precision=precision,
+        )
+
+    def _rows_to_entries(self, layer: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        entry = row.clone()
+        for lay, idx in self._entry_index.items():
+            if idx is not None:
+                mask = layer == lay
+                entry[mask] = idx[row[mask]]
+        return entry
+
+
+def _choose_layers(available: Sequence[int], wanted: Sequence[int] | None, root: Path) -> list[int]:
+    if not available:
+        raise BankFormatError(f"bank {root} holds no layers")
+    if wanted is None:
+        return sorted(available)
+    chosen = sorted({int(x) for x in wanted})
+    missing = [x for x in chosen if x not in available]
+    if missing:
+        raise LayerNotFoundError(
+            f"layer(s) {missing} not in bank {root}; available: {sorted(available)}"
+        )
+    return chosen
