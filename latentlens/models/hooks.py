@@ -1,0 +1,180 @@
+"""Capture residual-stream hidden states with forward hooks, stopping after the deepest layer."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentlens.models.registry import (
+    get_blocks,
+    get_forward_module,
+    get_input_embeddings,
+    num_layers,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class StopForward(Exception):
+    """Raised by a capture hook to end a forward pass once every requested layer is stored.
+
+    Private to this module's callers: `capture(stop_early=True)` and `get_hidden_states`
+    catch it, so it never reaches user code.
+    """
+
+
+def validate_layers(layers: int | Iterable[int], n_layers: int) -> list[int]:
+    """Check hidden-state indices and return them sorted without duplicates.
+
+    Args:
+        layers: One index or several (ints, numpy ints); each must lie in `[0, n_layers]`.
+        n_layers: Number of blocks of the model.
+
+    Returns:
+        The sorted distinct indices.
+
+    Raises:
+        ValueError: `layers` is empty or holds a non-integer or out-of-range index.
+    """
+    items = list(layers) if isinstance(layers, Iterable) else [layers]
+    if not items:
+        raise ValueError("no layers requested")
+    bad = [
+        x
+        for x in items
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or not 0 <= x <= n_layers
+    ]
+    if bad:
+        raise ValueError(
+            f"invalid layer(s) {bad}: valid layers are integers 0..{n_layers} for this "
+            f"{n_layers}-block model (0 = input embeddings, i = output of block i-1, "
+            f"{n_layers} = output of the last block before the final norm)"
+        )
+    return sorted({int(x) for x in items})
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def capture(
+    model: nn.Module, layers: int | Iterable[int], *, stop_early: bool = False
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Record hidden states of `layers` during the forward passes run inside the block.
+
+    Layer 0 is recorded by a pre-hook on block 0 (its input, equal to HF's
+    `hidden_states[0]`); layer i >= 1 by a hook on block i-1 (its output). Layer
+    `num_layers` is the last block's output before the final norm. Tensors are stored as
+    the model produced them (no copy, same device and dtype), shape `[batch, seq, d]`.
+
+    With `stop_early=True` the hook of the deepest layer raises `StopForward`, so later
+    blocks, the final norm and the LM head never run; the exception is swallowed when it
+    leaves the `with` block, so make the forward call the last statement inside it.
+
+    Args:
+        model: A registered HF model (top-level, a VLM's inner model or the text model).
+        layers: Hidden-state indices to record.
+        stop_early: End the forward pass after the deepest requested layer.
+
+    Yields:
+        A dict `{layer: Tensor[batch, seq, d]}`, filled as the forward runs.
+
+    Raises:
+        ValueError: A layer is out of range.
+    """
+    wanted = validate_layers(layers, num_layers(model))
+    deepest = wanted[-1]
+    blocks = get_blocks(model)
+    store: dict[int, torch.Tensor] = {}
+
+    def record(layer: int, hidden: torch.Tensor) -> None:
+        store[layer] = hidden
+        if stop_early and layer == deepest:
+            raise StopForward
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        record(0, args[0] if args else kwargs["hidden_states"])
+
+    def make_hook(layer: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            record(layer, _first(output))
+
+        return hook
+
+    handles = []
+    try:
+        if wanted[0] == 0:
+            handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for layer in wanted:
+            if layer > 0:
+                handles.append(blocks[layer - 1].register_forward_hook(make_hook(layer)))
+        try:
+            yield store
+        except StopForward:
+            if not stop_early:
+                raise
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def get_hidden_states(
+    model: nn.Module, layers: int | Iterable[int], **inputs: Any
+) -> dict[int, torch.Tensor]:
+    """Run a forward pass that stops after the deepest requested layer; return its states.
+
+    The module called has no LM head (see `registry.get_forward_module`): the text base
+    model for text models, the inner multimodal model for VLMs (which merges vision
+    features into the embeddings and computes M-RoPE positions exactly as the full model
+    does). It runs under `torch.inference_mode()` with `use_cache=False`.
+
+    Layers 0..n-1 equal HF's `output_hidden_states=True` values exactly. Layer n (the last
+    block's output) is taken before the final norm, whereas HF's `hidden_states[n]` is
+    normed when `ArchSpec.last_hidden_is_normed` (all built-in architectures).
+
+    Args:
+        model: A registered HF model.
+        layers: Hidden-state indices in `[0, num_layers(model)]` (0 = embeddings).
+        **inputs: Model inputs, e.g. `input_ids` and `attention_mask` `[batch, seq]`, plus
+            `pixel_values`, `image_grid_thw`, `mm_token_type_ids` for a VLM. Tensors are
+            moved to the device of the input embeddings.
+
+    Returns:
+        `{layer: Tensor[batch, seq, d]}` in ascending layer order, in the model's dtype and
+        on its device. They are inference tensors: combine them with the model's weights
+        (final norm, LM head) under `torch.inference_mode()` or `torch.no_grad()`, or
+        `.clone()` them first.
+
+    Raises:
+        ValueError: A layer is out of range, or `output_hidden_states` was passed.
+        RuntimeError: The forward pass ended without reaching a requested layer.
+    """
+    if inputs.get("output_hidden_states"):
+        raise ValueError(
+            "get_hidden_states captures states itself; do not pass output_hidden_states"
+        )
+    inputs.pop("output_hidden_states", None)
+    wanted = validate_layers(layers, num_layers(model))
+    runner = get_forward_module(model)
+    device = get_input_embeddings(model).weight.device
+    inputs = _to_device(inputs, device)
+    inputs["use_cache"] = False
+    with torch.inference_mode(), capture(model, wanted, stop_early=True) as store:
+        runner(**inputs)
+    missing = [layer for layer in wanted if layer not in store]
+    if missing:
+        raise RuntimeError(
+            f"the forward pass of {type(runner).__name__} never reached layers {missing}"
+        )
+    return {layer: store[layer] for layer in wanted}
