@@ -99,6 +99,11 @@ class ArchSpec:
             text-side facts left as `None` here.
         image_token_id_attr: Config key of the image placeholder token id (VLMs).
         is_vlm: Whether the model takes images.
+        visual_grid: How a VLM's visual tokens map to a patch grid. "grid_thw": the
+            processor's `image_grid_thw` (t, h, w) divided by `merge_size_attr` (Qwen-VL:
+            tokens row-major over the merged grid); "square": a square grid of all the
+            image tokens, row-major (LLaVA).
+        merge_size_attr: Config key of the spatial merge factor (with "grid_thw").
         notes: Free-text provenance of the facts above.
     """
 
@@ -118,6 +123,8 @@ class ArchSpec:
     text_config_attr: str | None = None
     image_token_id_attr: str | None = None
     is_vlm: bool = False
+    visual_grid: Literal["grid_thw", "square"] | None = None
+    merge_size_attr: str | None = None
     notes: str = ""
 
     def __post_init__(self) -> None:  # noqa: D105
@@ -143,6 +150,8 @@ _QWEN_VL = ArchSpec(
     text_config_attr="text_config",
     image_token_id_attr="image_token_id",
     is_vlm=True,
+    visual_grid="grid_thw",
+    merge_size_attr="vision_config.spatial_merge_size",
 )
 
 _BUILTIN: dict[str, ArchSpec] = {
@@ -188,6 +197,7 @@ _BUILTIN: dict[str, ArchSpec] = {
         text_config_attr="text_config",
         image_token_id_attr="image_token_index",
         is_vlm=True,
+        visual_grid="square",
         notes="config.image_token_id is an alias of image_token_index.",
     ),
 }

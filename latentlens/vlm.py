@@ -1,0 +1,130 @@
+"""Visual tokens of Hugging Face VLMs: which sequence positions hold them, and their patch grid.
+
+Supported through the registry's ``visual_grid`` fact: Qwen2-VL / Qwen2.5-VL (the
+processor's ``image_grid_thw`` divided by the spatial merge size, tokens row-major over the
+merged grid) and LLaVA-style models (a square grid of all image tokens, row-major).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+
+from latentlens.errors import LatentLensError
+from latentlens.models.registry import get_arch, get_config_attr, image_token_id
+
+
+@dataclass(frozen=True)
+class VisualTokens:
+    """Where one image's visual tokens sit in a sequence.
+
+    Attributes:
+        positions: ``[N]`` sequence positions, in patch order (row-major).
+        grid: ``(H, W)`` of the patch grid, ``N = H·W``.
+    """
+
+    positions: torch.Tensor
+    grid: tuple[int, int]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """``[N]`` row of each visual token."""
+        return torch.arange(self.positions.numel()) // self.grid[1]
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """``[N]`` column of each visual token."""
+        return torch.arange(self.positions.numel()) % self.grid[1]
+
+    def position(self, row: int, col: int) -> int:
+        """Sequence position of patch ``(row, col)``."""
+        h, w = self.grid
+        if not (0 <= row < h and 0 <= col < w):
+            raise IndexError(f"patch ({row}, {col}) outside the {h}×{w} grid")
+        return int(self.positions[row * w + col])
+
+
+def locate_visual_tokens(
+    model: Any,
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None = None,
+    *,
+    batch_index: int = 0,
+) -> VisualTokens:
+    """Find the visual tokens of the (single) image in one sequence of a batch.
+
+    Args:
+        model: a registered VLM (or its config).
+        input_ids: ``[T]`` or ``[B, T]`` token ids as the processor produced them.
+        image_grid_thw: ``[n_images, 3]`` for Qwen-VL models (from the processor).
+        batch_index: which sequence of the batch.
+
+    Raises:
+        LatentLensError: no/too many image tokens, or a grid that does not match them.
+    """
+    spec = get_arch(model)
+    if not spec.is_vlm or spec.visual_grid is None:
+        raise LatentLensError(f"{type(model).__name__} is not a registered vision-language model")
+    ids = input_ids if input_ids.ndim == 1 else input_ids[batch_index]
+    positions = (ids == image_token_id(model)).nonzero().flatten().cpu()
+    n = positions.numel()
+    if n == 0:
+        raise LatentLensError("no image tokens in the sequence: was the image passed to the processor?")
+    if spec.visual_grid == "grid_thw":
+        if image_grid_thw is None:
+            raise LatentLensError("this model needs image_grid_thw (from its processor) to find its grid")
+        if image_grid_thw.shape[0] <= batch_index:
+            raise LatentLensError("one image per sequence is supported; image_grid_thw has too few rows")
+        t, h, w = (int(x) for x in image_grid_thw[batch_index])
+        merge = int(get_config_attr(model, spec.merge_size_attr or ""))
+        if t != 1:
+            raise LatentLensError(f"video input (t={t}) is not supported, only single images")
+        grid = (h // merge, w // merge)
+    else:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise LatentLensError(f"{n} image tokens do not form a square grid")
+        grid = (side, side)
+    if grid[0] * grid[1] != n:
+        raise LatentLensError(
+            f"found {n} image tokens but the grid is {grid[0]}×{grid[1]}: one image per sequence is supported"
+        )
+    return VisualTokens(positions=positions, grid=grid)
+
+
+def load_image(path_or_image: Any) -> Image.Image:
+    """Open an image as RGB (alpha dropped, palette/greyscale expanded), EXIF-rotated."""
+    img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    img = img.convert("RGB")
+    return ImageOps.exif_transpose(img)
+
+
+def square_crop_resize(image: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square, then resize to ``size × size`` with Lanczos (the quickstart's view)."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = image.crop((left, top, left + side, top + side))
+    return img if img.size == (size, size) else img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def encode_image_prompt(
+    processor: Any, image: Image.Image, prompt: str, *, image_token: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Processor inputs for ``<image token>`` + ``prompt`` as plain text (no chat template).
+
+    Qwen-VL processors get ``size = {shortest_edge, longest_edge} = side²`` so the image is
+    neither up- nor down-scaled beyond the patch grid.
+    """
+    token = image_token or getattr(processor, "image_token", None) or "<image>"
+    kwargs: dict[str, Any] = {}
+    ip = getattr(processor, "image_processor", None)
+    if ip is not None and hasattr(ip, "merge_size"):
+        pixels = image.size[0] * image.size[1]
+        kwargs["images_kwargs"] = {"size": {"shortest_edge": pixels, "longest_edge": pixels}}
+    out = processor(text=[token + prompt], images=[image], return_tensors="pt", **kwargs)
+    return dict(out)
