@@ -264,6 +264,20 @@ def read_layer(
     return emb, (entry.to(torch.int64) if entry is not None else None)
 
 
+def layer_rows(root: Path, layer: int) -> tuple[int, torch.Tensor | None]:
+    """Row count of a layer and its entry map, without reading its embeddings."""
+    path = layer_path(root, layer)
+    if not path.exists():
+        raise BankFormatError(f"bank {root} is missing {path.name} (layer {layer})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            n = int(f.get_slice(C.EMBEDDINGS_KEY).get_shape()[0])
+            entry = f.get_tensor(C.ENTRY_KEY).to(torch.int64) if C.ENTRY_KEY in set(f.keys()) else None
+    except SafetensorError as e:
+        raise BankFormatError(f"{path} is not a readable safetensors file: {e}") from e
+    return n, entry
+
+
 # ── legacy layout ─────────────────────────────────────────────────────────────────────
 
 _LEGACY_DIR = re.compile(r"^layer_(\d+)$")

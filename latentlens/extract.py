@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from latentlens import bank as B
+from latentlens import distributed as D
 from latentlens.atomic import atomic_path, read_json, write_json
 from latentlens.corpus import load_corpus
 from latentlens.errors import CorpusError, LatentLensError
@@ -183,6 +184,10 @@ def build_index(
     builder = _Builder(model, cfg, ids, plan, batch_size, shard_sentences, show_progress)
     root = Path(output_dir) if output_dir is not None else None
     vectors = builder.run(root, resume)
+    if vectors is None:  # a non-zero rank of a distributed build: rank 0 writes the bank
+        D.barrier()
+        assert root is not None
+        return ContextualIndex.from_directory(root)
     entries = B.Entries(
         token_id=torch.tensor(plan.token_id, dtype=torch.int64),
         caption_id=torch.tensor(plan.sentence, dtype=torch.int64),
@@ -198,6 +203,8 @@ def build_index(
     if root is not None:
         index.save(root)
         shutil.rmtree(root / _BUILD_DIR, ignore_errors=True)
+    if D.is_distributed():
+        D.barrier()
     return index
 
 
@@ -275,37 +282,52 @@ class _Builder:
         h.update(str(len(self.shards)).encode())
         return h.hexdigest()
 
-    def run(self, root: Path | None, resume: bool) -> dict[int, torch.Tensor]:
-        """Compute every planned vector; returns ``{layer: [M, d]}`` in the storage dtype."""
+    def run(self, root: Path | None, resume: bool) -> dict[int, torch.Tensor] | None:
+        """Compute every planned vector: ``{layer: [M, d]}`` in the storage dtype.
+
+        Under torch.distributed, rank r computes shards ``i ≡ r (mod world)`` and writes them
+        to the shared ``root``; rank 0 then assembles the bank (other ranks return None).
+        """
+        world, me = D.world_size(), D.rank()
         build = root / _BUILD_DIR if root is not None else None
+        if world > 1 and build is None:
+            raise LatentLensError("a distributed build needs output_dir= (a folder every rank can reach)")
         done: set[int] = set()
         if build is not None:
-            done = self._prepare_dir(build, resume)
-        d = None
-        out: dict[int, torch.Tensor] = {}
-        n_tokens = sum(len(v) for v in self.wanted.values())
-        bar = tqdm(total=sum(len(s) for s in self.shards), unit="sent", disable=not self.show_progress,
-                   desc="building bank")
+            if me == 0:
+                self._prepare_dir(build, resume)
+            D.barrier()
+            done = self._existing(build)
+        mine = [i for i in range(len(self.shards)) if i % world == me and i not in done]
+        bar = tqdm(total=sum(len(self.shards[i]) for i in mine), unit="sent", desc="building bank",
+                   disable=not self.show_progress or me != 0)
         start, tokens_run = time.perf_counter(), 0
-        for i, shard in enumerate(self.shards):
-            if i in done:
-                part = self._read_shard(build / f"shard_{i:05d}.safetensors")  # type: ignore[operator]
-                bar.update(len(shard))
-            else:
-                part = self._run_shard(shard, bar)
-                tokens_run += sum(len(self.ids[s]) for s in shard)
-                if build is not None:
-                    self._write_shard(build / f"shard_{i:05d}.safetensors", part)
-            slots, vecs = part
+        computed: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
+        for i in mine:
+            part = self._run_shard(self.shards[i], bar)
+            tokens_run += sum(len(self.ids[s]) for s in self.shards[i])
+            if build is not None:
+                self._write_shard(build / f"shard_{i:05d}.safetensors", part)
+            if world == 1:
+                computed[i] = part
+            bar.set_postfix(tok_s=f"{tokens_run / max(time.perf_counter() - start, 1e-9):,.0f}")
+        bar.close()
+        D.barrier()
+        if me != 0:
+            return None
+        out: dict[int, torch.Tensor] = {}
+        for i in range(len(self.shards)):
+            slots, vecs = computed.pop(i) if i in computed else self._read_shard(
+                build / f"shard_{i:05d}.safetensors"  # type: ignore[operator]
+            )
             for layer, v in vecs.items():
                 if layer not in out:
-                    d = v.shape[1]
-                    out[layer] = torch.empty(len(self.plan), d, dtype=self.storage)
+                    out[layer] = torch.empty(len(self.plan), v.shape[1], dtype=self.storage)
                 out[layer][slots] = v
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(tok_s=f"{tokens_run / elapsed:,.0f}", entries=f"{n_tokens:,}")
-        bar.close()
         return out
+
+    def _existing(self, build: Path) -> set[int]:
+        return {i for i in range(len(self.shards)) if (build / f"shard_{i:05d}.safetensors").exists()}
 
     def _prepare_dir(self, build: Path, resume: bool) -> set[int]:
         fp = self.fingerprint()
@@ -313,7 +335,7 @@ class _Builder:
         if build.exists():
             state = read_json(state_path) if state_path.exists() else {}
             if resume and state.get("fingerprint") == fp:
-                done = {i for i in range(len(self.shards)) if (build / f"shard_{i:05d}.safetensors").exists()}
+                done = self._existing(build)
                 logger.info("resuming build: %d of %d shards already done", len(done), len(self.shards))
                 return done
             if resume and state:

@@ -391,26 +391,7 @@ class ContextualIndex:
         self, scores: torch.Tensor, layer: torch.Tensor, entry: torch.Tensor
     ) -> list[list[Neighbor]]:
         """Turn :meth:`search_tensors` output ``[Q, k]`` into :class:`Neighbor` lists."""
-        e = self.entries
-        tok = e.token_id[entry].tolist()
-        cap = e.caption_id[entry].tolist()
-        pos = e.position[entry].tolist()
-        out = []
-        for qs, ql, qt, qc, qp in zip(scores.tolist(), layer.tolist(), tok, cap, pos, strict=True):
-            out.append(
-                [
-                    Neighbor(
-                        token_str=e.token_strs.get(t, ""),
-                        similarity=s,
-                        caption=e.captions[c],
-                        position=p,
-                        token_id=t,
-                        contextual_layer=lay,
-                    )
-                    for s, lay, t, c, p in zip(qs, ql, qt, qc, qp, strict=True)
-                ]
-            )
-        return out
+        return neighbors_from_entries(self.entries, scores, layer, entry)
 
     # ── internals ─────────────────────────────────────────────────────────────────
 
@@ -455,6 +436,31 @@ class ContextualIndex:
                 mask = layer == lay
                 entry[mask] = idx[row[mask]]
         return entry
+
+
+def neighbors_from_entries(
+    entries: B.Entries, scores: torch.Tensor, layer: torch.Tensor, entry: torch.Tensor
+) -> list[list[Neighbor]]:
+    """``[Q, k]`` scores / bank layers / entry rows → ``Q`` lists of :class:`Neighbor`."""
+    tok = entries.token_id[entry].tolist()
+    cap = entries.caption_id[entry].tolist()
+    pos = entries.position[entry].tolist()
+    out = []
+    for qs, ql, qt, qc, qp in zip(scores.tolist(), layer.tolist(), tok, cap, pos, strict=True):
+        out.append(
+            [
+                Neighbor(
+                    token_str=entries.token_strs.get(t, ""),
+                    similarity=s,
+                    caption=entries.captions[c],
+                    position=p,
+                    token_id=t,
+                    contextual_layer=lay,
+                )
+                for s, lay, t, c, p in zip(qs, ql, qt, qc, qp, strict=True)
+            ]
+        )
+    return out
 
 
 def _choose_layers(available: Sequence[int], wanted: Sequence[int] | None, root: Path) -> list[int]:
