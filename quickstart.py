@@ -32,27 +32,94 @@ def _ints(value: str | None) -> list[int] | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--image", "image_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Input image (default: the bundled example).")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="VLM: Hub id or local folder.")
-@click.option("--bank", default=None, help=f"Bank: Hub id or local folder [default: {DEFAULT_BANK}].")
-@click.option("--build-bank", "build_corpus", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Build a bank from this corpus with the VLM's own language model first.")
-@click.option("--layers", default="2,8,27", show_default=True, help="Query layers (comma-separated).")
+@click.option(
+    "--image",
+    "image_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Input image (default: the bundled example).",
+)
+@click.option(
+    "--model", default=DEFAULT_MODEL, show_default=True, help="VLM: Hub id or local folder."
+)
+@click.option(
+    "--bank", default=None, help=f"Bank: Hub id or local folder [default: {DEFAULT_BANK}]."
+)
+@click.option(
+    "--build-bank",
+    "build_corpus",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Build a bank from this corpus with the VLM's own language model first.",
+)
+@click.option(
+    "--layers", default="2,8,27", show_default=True, help="Query layers (comma-separated)."
+)
 @click.option("--bank-layers", default=None, help="Bank layers to load and search (default: all).")
-@click.option("--num-patches", default=10, show_default=True, help="Patches sampled for the table and picture.")
-@click.option("--patches", "patch_list", multiple=True, help="Patch 'row,col' to show instead (repeatable).")
+@click.option(
+    "--num-patches",
+    default=10,
+    show_default=True,
+    help="Patches sampled for the table and picture.",
+)
+@click.option(
+    "--patches", "patch_list", multiple=True, help="Patch 'row,col' to show instead (repeatable)."
+)
 @click.option("--seed", default=10, show_default=True, help="Seed of the patch sample.")
 @click.option("--top-k", default=5, show_default=True)
-@click.option("--size", default=448, show_default=True, help="Side of the square the image is resized to.")
+@click.option(
+    "--size", default=448, show_default=True, help="Side of the square the image is resized to."
+)
 @click.option("--device", default=None, help="cuda / cpu (default: cuda if available).")
-@click.option("--dtype", default=None, help="fp16 / bf16 / fp32 (default: fp16 on CUDA, fp32 on CPU).")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="PNG path [default: <stem>_latentlens.png].")
-@click.option("--json", "json_path", default=None, is_flag=False, flag_value="", help="Also write JSON (optional path).")
-@click.option("--html", "html_path", default=None, is_flag=False, flag_value="", help="Also write the HTML explorer (optional path).")
-@click.option("--first-layer-only", is_flag=True, help="Draw only the first layer in the PNG (the original's picture).")
-def main(image_path, model, bank, build_corpus, layers, bank_layers, num_patches, patch_list, seed,
-         top_k, size, device, dtype, out, json_path, html_path, first_layer_only) -> None:
+@click.option(
+    "--dtype", default=None, help="fp16 / bf16 / fp32 (default: fp16 on CUDA, fp32 on CPU)."
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="PNG path [default: <stem>_latentlens.png].",
+)
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    is_flag=False,
+    flag_value="",
+    help="Also write JSON (optional path).",
+)
+@click.option(
+    "--html",
+    "html_path",
+    default=None,
+    is_flag=False,
+    flag_value="",
+    help="Also write the HTML explorer (optional path).",
+)
+@click.option(
+    "--first-layer-only",
+    is_flag=True,
+    help="Draw only the first layer in the PNG (the original's picture).",
+)
+def main(
+    image_path,
+    model,
+    bank,
+    build_corpus,
+    layers,
+    bank_layers,
+    num_patches,
+    patch_list,
+    seed,
+    top_k,
+    size,
+    device,
+    dtype,
+    out,
+    json_path,
+    html_path,
+    first_layer_only,
+) -> None:
     """Explain what each visual token of an image means, by its nearest contextual text tokens."""
     import torch
 
@@ -65,7 +132,11 @@ def main(image_path, model, bank, build_corpus, layers, bank_layers, num_patches
     from latentlens.vlm import load_image
 
     try:
-        image_file = Path(image_path) if image_path else Path(__file__).parent / "latentlens" / "data" / "example.png"
+        image_file = (
+            Path(image_path)
+            if image_path
+            else Path(__file__).parent / "latentlens" / "data" / "example.png"
+        )
         run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         run_dtype = dtype or ("fp16" if run_device.type == "cuda" else "fp32")
         click.echo(f"loading {model} ({run_dtype}, {run_device}) ...", err=True)
@@ -75,23 +146,44 @@ def main(image_path, model, bank, build_corpus, layers, bank_layers, num_patches
             from latentlens.extract import build_index
 
             target = Path(bank) if bank else Path(f"{Path(model).name}_bank")
-            index = build_index(model, build_corpus, model=vlm, tokenizer=processor.tokenizer,
-                                layers=_ints(bank_layers), output_dir=target)
+            index = build_index(
+                model,
+                build_corpus,
+                model=vlm,
+                tokenizer=processor.tokenizer,
+                layers=_ints(bank_layers),
+                output_dir=target,
+            )
         else:
             index = ContextualIndex.from_pretrained(bank or DEFAULT_BANK, layers=_ints(bank_layers))
         index.to(run_device)
         patches = None
         image = load_image(image_file)
-        ex = explain_image(vlm, processor, image, index, _ints(layers) or [], top_k=top_k, size=size,
-                           num_patches=num_patches, seed=seed)
+        ex = explain_image(
+            vlm,
+            processor,
+            image,
+            index,
+            _ints(layers) or [],
+            top_k=top_k,
+            size=size,
+            num_patches=num_patches,
+            seed=seed,
+        )
         if patch_list:
             rc = [_ints(p) for p in patch_list]
             if any(x is None or len(x) != 2 for x in rc):
                 raise click.BadParameter("--patches takes 'row,col'")
             patches = [r * ex.grid[1] + c for r, c in rc]  # type: ignore[misc]
-            bad = [p for p, (r, c) in zip(patches, rc) if not (0 <= r < ex.grid[0] and 0 <= c < ex.grid[1])]  # type: ignore[misc]
+            bad = [
+                p
+                for p, (r, c) in zip(patches, rc)
+                if not (0 <= r < ex.grid[0] and 0 <= c < ex.grid[1])
+            ]  # type: ignore[misc]
             if bad:
-                raise click.BadParameter(f"patches outside the {ex.grid[0]}×{ex.grid[1]} grid: {patch_list}")
+                raise click.BadParameter(
+                    f"patches outside the {ex.grid[0]}×{ex.grid[1]} grid: {patch_list}"
+                )
             ex.patches = patches
         ex.image_name = image_file.name
         click.echo(ex.table())

@@ -23,17 +23,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from latentlens.corpus import load_corpus  # noqa: E402
 from latentlens.demo import demo_corpus_path  # noqa: E402
 from latentlens.extract import _decoder, auto_layers, build_index, tokenize  # noqa: E402
 from latentlens.models.hooks import get_hidden_states  # noqa: E402
 from latentlens.models.loading import load_smollm2  # noqa: E402
 from latentlens.models.registry import num_layers  # noqa: E402
-from latentlens.corpus import load_corpus  # noqa: E402
 from latentlens.selection import plan_entries  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--corpus", default=str(demo_corpus_path()))
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -42,7 +44,9 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load_smollm2()
     sentences = load_corpus(args.corpus)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else auto_layers(num_layers(model))
+    layers = (
+        [int(x) for x in args.layers.split(",")] if args.layers else auto_layers(num_layers(model))
+    )
     ids = tokenize(tok, sentences, 512)
     plan = plan_entries(ids, _decoder(tok), cap=50)
     wanted = sorted(set(plan.sentence), key=lambda s: (-len(ids[s]), s))
@@ -68,8 +72,15 @@ def main() -> None:
             model(input_ids=x, attention_mask=m, output_hidden_states=True, use_cache=False)
 
     def build() -> None:
-        build_index("smollm2", sentences, layers=layers, model=model, tokenizer=tok,
-                    batch_size=args.batch_size, show_progress=False)
+        build_index(
+            "smollm2",
+            sentences,
+            layers=layers,
+            model=model,
+            tokenizer=tok,
+            batch_size=args.batch_size,
+            show_progress=False,
+        )
 
     methods = {"truncated forward": truncated, "full forward": full, "build_index": build}
     times: dict[str, list[float]] = {k: [] for k in methods}
@@ -82,8 +93,10 @@ def main() -> None:
             times[name].append(time.perf_counter() - t)
     n_tok = sum(len(i) for i in ids)
     roof = statistics.median(times["truncated forward"])
-    print(f"SmolLM2-135M, {len(sentences)} sentences ({n_tok:,} tokens), layers {layers}, "
-          f"{len(plan):,} entries, batch {args.batch_size}, threads {torch.get_num_threads()}")
+    print(
+        f"SmolLM2-135M, {len(sentences)} sentences ({n_tok:,} tokens), layers {layers}, "
+        f"{len(plan):,} entries, batch {args.batch_size}, threads {torch.get_num_threads()}"
+    )
     print(f"{'method':<20}{'time s':>9}{'× truncated':>13}{'sent/s':>9}")
     for name in methods:
         t = statistics.median(times[name])

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from latentlens import constants as C
 from latentlens.atomic import atomic_path, read_json, write_json
-from latentlens.errors import BankFormatError, LayerNotFoundError
+from latentlens.errors import BankFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +128,20 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """``"float16"``/``"fp16"``/``torch.float16`` → ``torch.float16`` (storage dtypes only)."""
     if isinstance(name, torch.dtype):
         return name
-    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
-               "float": "float32", "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn"}
+    aliases = {
+        "fp16": "float16",
+        "half": "float16",
+        "bf16": "bfloat16",
+        "fp32": "float32",
+        "float": "float32",
+        "fp8": "float8_e4m3fn",
+        "float8": "float8_e4m3fn",
+    }
     key = aliases.get(name.lower(), name.lower())
     if key not in C.STORAGE_DTYPES:
-        raise ValueError(f"unsupported bank dtype {name!r}; choose one of {', '.join(C.STORAGE_DTYPES)}")
+        raise ValueError(
+            f"unsupported bank dtype {name!r}; choose one of {', '.join(C.STORAGE_DTYPES)}"
+        )
     return getattr(torch, key)
 
 
@@ -155,7 +164,9 @@ def write_entries(root: Path, entries: Entries) -> None:
             str(tmp),
         )
     write_json(root / C.CAPTIONS_FILE, entries.captions, indent=None)
-    write_json(root / C.TOKENS_FILE, {str(k): v for k, v in entries.token_strs.items()}, indent=None)
+    write_json(
+        root / C.TOKENS_FILE, {str(k): v for k, v in entries.token_strs.items()}, indent=None
+    )
 
 
 def write_layer(root: Path, layer: int, emb: torch.Tensor, entry: torch.Tensor | None) -> None:
@@ -272,7 +283,9 @@ def layer_rows(root: Path, layer: int) -> tuple[int, torch.Tensor | None]:
     try:
         with safe_open(str(path), framework="pt") as f:
             n = int(f.get_slice(C.EMBEDDINGS_KEY).get_shape()[0])
-            entry = f.get_tensor(C.ENTRY_KEY).to(torch.int64) if C.ENTRY_KEY in set(f.keys()) else None
+            entry = (
+                f.get_tensor(C.ENTRY_KEY).to(torch.int64) if C.ENTRY_KEY in set(f.keys()) else None
+            )
     except SafetensorError as e:
         raise BankFormatError(f"{path} is not a readable safetensors file: {e}") from e
     return n, entry
@@ -345,7 +358,9 @@ def merge_legacy(
         idx = []
         for r in per_layer[layer]:
             if not isinstance(r, Mapping):
-                raise BankFormatError(f"layer {layer}: metadata rows must be dicts, got {type(r).__name__}")
+                raise BankFormatError(
+                    f"layer {layer}: metadata rows must be dicts, got {type(r).__name__}"
+                )
             key = (r.get("token_id"), r.get("token_str"), r.get("caption"), r.get("position"))
             if key not in keyed:
                 keyed[key] = len(records)

@@ -41,7 +41,9 @@ def load_corpus(source: str | os.PathLike[str] | Iterable[str]) -> list[str]:
         elif suffix in (".txt", ""):
             lines = path.read_text(encoding="utf-8").splitlines()
         else:
-            raise CorpusError(f"corpus {path}: unknown extension {suffix!r} (use .txt, .csv or .jsonl)")
+            raise CorpusError(
+                f"corpus {path}: unknown extension {suffix!r} (use .txt, .csv or .jsonl)"
+            )
         where = str(path)
     else:
         lines = list(source)
@@ -78,5 +80,7 @@ def _read_jsonl(path: Path) -> list[str]:
             elif isinstance(obj, dict) and any(isinstance(obj.get(k), str) for k in _JSONL_KEYS):
                 out.append(next(obj[k] for k in _JSONL_KEYS if isinstance(obj.get(k), str)))
             else:
-                raise CorpusError(f"{path}:{n}: expected a string or an object with one of {_JSONL_KEYS}")
+                raise CorpusError(
+                    f"{path}:{n}: expected a string or an object with one of {_JSONL_KEYS}"
+                )
     return out

@@ -78,8 +78,13 @@ def run_demo(
         index = ContextualIndex.from_directory(root)
     else:
         index = build_index(
-            "SmolLM2-135M-Instruct", demo_corpus_path(), model=model, tokenizer=tokenizer,
-            output_dir=root, show_progress=show_progress, batch_size=32,
+            "SmolLM2-135M-Instruct",
+            demo_corpus_path(),
+            model=model,
+            tokenizer=tokenizer,
+            output_dir=root,
+            show_progress=show_progress,
+            batch_size=32,
         )
     hits = []
     for sentence, word in queries:

@@ -88,7 +88,9 @@ class ImageExplanation:
                             "patch_idx": p,
                             "patch_row": self.rc(p)[0],
                             "patch_col": self.rc(p)[1],
-                            "nearest_contextual_neighbors": [n.to_dict() for n in self.neighbors[layer][p]],
+                            "nearest_contextual_neighbors": [
+                                n.to_dict() for n in self.neighbors[layer][p]
+                            ],
                         }
                         for p in chosen
                     ],

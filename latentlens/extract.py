@@ -174,8 +174,13 @@ def build_index(
     ids = tokenize(tokenizer, sentences, max_length)
     decode = _decoder(tokenizer)
     plan = plan_entries(
-        ids, decode, cap=cfg.cap, sampling=cfg.sampling, skip_first=cfg.skip_first,
-        dedup=cfg.dedup, seed=cfg.seed,
+        ids,
+        decode,
+        cap=cfg.cap,
+        sampling=cfg.sampling,
+        skip_first=cfg.skip_first,
+        dedup=cfg.dedup,
+        seed=cfg.seed,
     )
     if not len(plan):
         raise CorpusError(
@@ -197,8 +202,13 @@ def build_index(
     )
     entries = _compact_captions(entries)
     index = ContextualIndex(
-        vectors, entries,
-        manifest={"model_name": cfg.model_name, "normalized": cfg.normalize, "build": cfg.to_dict()},
+        vectors,
+        entries,
+        manifest={
+            "model_name": cfg.model_name,
+            "normalized": cfg.normalize,
+            "build": cfg.to_dict(),
+        },
     )
     if root is not None:
         index.save(root)
@@ -210,7 +220,9 @@ def build_index(
 
 def tokenize(tokenizer: Any, sentences: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids of each sentence with the tokenizer's own special tokens (e.g. BOS)."""
-    out = tokenizer(list(sentences), add_special_tokens=True, truncation=True, max_length=max_length)
+    out = tokenizer(
+        list(sentences), add_special_tokens=True, truncation=True, max_length=max_length
+    )
     return [list(x) for x in out["input_ids"]]
 
 
@@ -273,7 +285,9 @@ class _Builder:
         # Length-sorted (longest first) so batches carry little padding; ties by corpus order.
         order = sorted(wanted, key=lambda s: (-len(ids[s]), s))
         self.wanted = wanted
-        self.shards = [order[i : i + shard_sentences] for i in range(0, len(order), shard_sentences)]
+        self.shards = [
+            order[i : i + shard_sentences] for i in range(0, len(order), shard_sentences)
+        ]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
@@ -291,7 +305,9 @@ class _Builder:
         world, me = D.world_size(), D.rank()
         build = root / _BUILD_DIR if root is not None else None
         if world > 1 and build is None:
-            raise LatentLensError("a distributed build needs output_dir= (a folder every rank can reach)")
+            raise LatentLensError(
+                "a distributed build needs output_dir= (a folder every rank can reach)"
+            )
         done: set[int] = set()
         if build is not None:
             if me == 0:
@@ -299,8 +315,12 @@ class _Builder:
             D.barrier()
             done = self._existing(build)
         mine = [i for i in range(len(self.shards)) if i % world == me and i not in done]
-        bar = tqdm(total=sum(len(self.shards[i]) for i in mine), unit="sent", desc="building bank",
-                   disable=not self.show_progress or me != 0)
+        bar = tqdm(
+            total=sum(len(self.shards[i]) for i in mine),
+            unit="sent",
+            desc="building bank",
+            disable=not self.show_progress or me != 0,
+        )
         start, tokens_run = time.perf_counter(), 0
         computed: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
         for i in mine:
@@ -317,8 +337,12 @@ class _Builder:
             return None
         out: dict[int, torch.Tensor] = {}
         for i in range(len(self.shards)):
-            slots, vecs = computed.pop(i) if i in computed else self._read_shard(
-                build / f"shard_{i:05d}.safetensors"  # type: ignore[operator]
+            slots, vecs = (
+                computed.pop(i)
+                if i in computed
+                else self._read_shard(
+                    build / f"shard_{i:05d}.safetensors"  # type: ignore[operator]
+                )
             )
             for layer, v in vecs.items():
                 if layer not in out:
@@ -327,7 +351,9 @@ class _Builder:
         return out
 
     def _existing(self, build: Path) -> set[int]:
-        return {i for i in range(len(self.shards)) if (build / f"shard_{i:05d}.safetensors").exists()}
+        return {
+            i for i in range(len(self.shards)) if (build / f"shard_{i:05d}.safetensors").exists()
+        }
 
     def _prepare_dir(self, build: Path, resume: bool) -> set[int]:
         fp = self.fingerprint()
@@ -336,17 +362,24 @@ class _Builder:
             state = read_json(state_path) if state_path.exists() else {}
             if resume and state.get("fingerprint") == fp:
                 done = self._existing(build)
-                logger.info("resuming build: %d of %d shards already done", len(done), len(self.shards))
+                logger.info(
+                    "resuming build: %d of %d shards already done", len(done), len(self.shards)
+                )
                 return done
             if resume and state:
                 logger.warning("%s holds shards of a different build; starting over", build)
             shutil.rmtree(build)
         build.mkdir(parents=True)
-        write_json(state_path, {"fingerprint": fp, "config": self.cfg.to_dict(), "shards": len(self.shards)})
+        write_json(
+            state_path,
+            {"fingerprint": fp, "config": self.cfg.to_dict(), "shards": len(self.shards)},
+        )
         return set()
 
     @torch.inference_mode()
-    def _run_shard(self, shard: list[int], bar: tqdm) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def _run_shard(
+        self, shard: list[int], bar: tqdm
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         from latentlens.models.hooks import get_hidden_states
 
         slots_all: list[int] = []
@@ -367,8 +400,10 @@ class _Builder:
                     cols.append(p)
                     slots_all.append(slot)
             hidden = get_hidden_states(
-                self.model, list(self.cfg.layers),
-                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                self.model,
+                list(self.cfg.layers),
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
             )
             r_idx = torch.tensor(rows, device=self.device)
             c_idx = torch.tensor(cols, device=self.device)
@@ -378,7 +413,9 @@ class _Builder:
                     v = torch.nn.functional.normalize(v, dim=-1)
                 parts[layer].append(B.to_storage(v, self.storage).cpu())
             bar.update(len(batch))
-        return torch.tensor(slots_all, dtype=torch.int64), {k: torch.cat(v) for k, v in parts.items()}
+        return torch.tensor(slots_all, dtype=torch.int64), {
+            k: torch.cat(v) for k, v in parts.items()
+        }
 
     def _write_shard(self, path: Path, part: tuple[torch.Tensor, dict[int, torch.Tensor]]) -> None:
         slots, vecs = part

@@ -31,7 +31,9 @@ def download_bank(
 
     def fetch(name: str) -> Path:
         return Path(
-            hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, repo_type="model")
+            hf_hub_download(
+                repo_id, name, revision=revision, cache_dir=cache_dir, repo_type="model"
+            )
         )
 
     missing_errors = (EntryNotFoundError, LocalEntryNotFoundError)
@@ -70,5 +72,7 @@ def _check(available: list[int], wanted: Sequence[int] | None, repo_id: str) -> 
         return sorted(available)
     missing = sorted({int(x) for x in wanted} - set(available))
     if missing:
-        raise LayerNotFoundError(f"layer(s) {missing} not in {repo_id}; available: {sorted(available)}")
+        raise LayerNotFoundError(
+            f"layer(s) {missing} not in {repo_id}; available: {sorted(available)}"
+        )
     return sorted({int(x) for x in wanted})

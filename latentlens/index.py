@@ -70,7 +70,9 @@ class ContextualIndex:
             raise BankFormatError("an index needs at least one layer")
         dims = {int(t.shape[1]) if t.ndim == 2 else -1 for t in layers.values()}
         if len(dims) != 1 or -1 in dims:
-            raise BankFormatError(f"all layers must be 2-D with one width; got widths {sorted(dims)}")
+            raise BankFormatError(
+                f"all layers must be 2-D with one width; got widths {sorted(dims)}"
+            )
         devices = {t.device for t in layers.values()}
         if len(devices) != 1:
             raise BankFormatError(f"all layers must be on one device; got {devices}")
@@ -89,7 +91,9 @@ class ContextualIndex:
                 if idx.shape != (emb.shape[0],):
                     raise BankFormatError(f"layer {layer}: entry map has shape {tuple(idx.shape)}")
                 if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(entries)):
-                    raise BankFormatError(f"layer {layer}: entry map points outside the entry table")
+                    raise BankFormatError(
+                        f"layer {layer}: entry map points outside the entry table"
+                    )
             self._entry_index[layer] = idx
         self.manifest: dict[str, Any] = dict(manifest or {})
         self._norms: dict[int, RowNorms] = {}

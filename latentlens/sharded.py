@@ -34,7 +34,12 @@ class _Slice:
 
 
 def merge_candidates(
-    scores: torch.Tensor, layer: torch.Tensor, row: torch.Tensor, k: int, *, keep_padding: bool = False
+    scores: torch.Tensor,
+    layer: torch.Tensor,
+    row: torch.Tensor,
+    k: int,
+    *,
+    keep_padding: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global top-k of candidate lists ``[Q, m]`` (padding has score -inf and row -1).
 
@@ -65,7 +70,9 @@ class _ShardedBase:
         chosen = sorted(set(layers)) if layers is not None else sorted(available)
         missing = [x for x in chosen if x not in available]
         if missing:
-            raise LayerNotFoundError(f"layer(s) {missing} not in bank {root}; available: {sorted(available)}")
+            raise LayerNotFoundError(
+                f"layer(s) {missing} not in bank {root}; available: {sorted(available)}"
+            )
         self.layers = chosen
         self.entries = B.read_entries(root)
         self.hidden_dim = int(self.manifest["hidden_dim"])
@@ -111,16 +118,26 @@ class _ShardedBase:
         return entry
 
     def search(
-        self, queries: torch.Tensor, top_k: int = 5, layers: Sequence[int] | None = None,
-        *, precision: Precision = "auto",
+        self,
+        queries: torch.Tensor,
+        top_k: int = 5,
+        layers: Sequence[int] | None = None,
+        *,
+        precision: Precision = "auto",
     ) -> list[list[Neighbor]]:
         """Nearest contextual neighbours, as :meth:`ContextualIndex.search`."""
         scores, layer, row = self.search_rows(queries, top_k, layers, precision=precision)
-        return neighbors_from_entries(self.entries, scores.float(), layer, self.entries_of(layer, row))
+        return neighbors_from_entries(
+            self.entries, scores.float(), layer, self.entries_of(layer, row)
+        )
 
     def search_rows(
-        self, queries: torch.Tensor, top_k: int = 5, layers: Sequence[int] | None = None,
-        *, precision: Precision = "auto",
+        self,
+        queries: torch.Tensor,
+        top_k: int = 5,
+        layers: Sequence[int] | None = None,
+        *,
+        precision: Precision = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -160,8 +177,12 @@ class DistributedIndex(_ShardedBase):
             self.slices[layer] = _Slice(rows, RowNorms.of(rows), start)
 
     def search_rows(
-        self, queries: torch.Tensor, top_k: int = 5, layers: Sequence[int] | None = None,
-        *, precision: Precision = "auto",
+        self,
+        queries: torch.Tensor,
+        top_k: int = 5,
+        layers: Sequence[int] | None = None,
+        *,
+        precision: Precision = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global top-k ``(scores f64, layer, row-in-layer)``, each ``[Q, k]``, on every rank."""
         chosen = self._check(layers)
@@ -200,8 +221,12 @@ class MultiDeviceIndex(_ShardedBase):
             self.shards.append(part)
 
     def search_rows(
-        self, queries: torch.Tensor, top_k: int = 5, layers: Sequence[int] | None = None,
-        *, precision: Precision = "auto",
+        self,
+        queries: torch.Tensor,
+        top_k: int = 5,
+        layers: Sequence[int] | None = None,
+        *,
+        precision: Precision = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global top-k ``(scores f64, layer, row-in-layer)``, each ``[Q, k]``."""
         chosen = self._check(layers)

@@ -73,12 +73,18 @@ def locate_visual_tokens(
     positions = (ids == image_token_id(model)).nonzero().flatten().cpu()
     n = positions.numel()
     if n == 0:
-        raise LatentLensError("no image tokens in the sequence: was the image passed to the processor?")
+        raise LatentLensError(
+            "no image tokens in the sequence: was the image passed to the processor?"
+        )
     if spec.visual_grid == "grid_thw":
         if image_grid_thw is None:
-            raise LatentLensError("this model needs image_grid_thw (from its processor) to find its grid")
+            raise LatentLensError(
+                "this model needs image_grid_thw (from its processor) to find its grid"
+            )
         if image_grid_thw.shape[0] <= batch_index:
-            raise LatentLensError("one image per sequence is supported; image_grid_thw has too few rows")
+            raise LatentLensError(
+                "one image per sequence is supported; image_grid_thw has too few rows"
+            )
         t, h, w = (int(x) for x in image_grid_thw[batch_index])
         merge = int(get_config_attr(model, spec.merge_size_attr or ""))
         if t != 1:

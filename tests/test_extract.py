@@ -43,7 +43,7 @@ def test_auto_layers_follow_the_spec():
 def test_load_corpus_formats(tmp_path):
     (tmp_path / "a.txt").write_text("  one \n\n two\nthree  \n")
     assert load_corpus(tmp_path / "a.txt") == ["one", "two", "three"]
-    (tmp_path / "h.csv").write_text("Caption,id\n\"a, b\",1\nc,2\n")
+    (tmp_path / "h.csv").write_text('Caption,id\n"a, b",1\nc,2\n')
     assert load_corpus(tmp_path / "h.csv") == ["a, b", "c"]
     (tmp_path / "n.csv").write_text("red car,1\nblue sky,2\n")
     assert load_corpus(tmp_path / "n.csv") == ["red car", "blue sky"]
@@ -90,7 +90,11 @@ def test_plan_reservoir_is_seeded_uniform_and_capped():
     # uniform: over many seeds every sentence is kept about equally often
     hits = Counter()
     for seed in range(150):
-        hits.update(plan_entries(ids[:20], str, cap=5, sampling="reservoir", skip_first=0, dedup=False, seed=seed).sentence)
+        hits.update(
+            plan_entries(
+                ids[:20], str, cap=5, sampling="reservoir", skip_first=0, dedup=False, seed=seed
+            ).sentence
+        )
     expected = 150 * 5 / 20
     assert all(abs(hits[s] - expected) < 0.6 * expected for s in range(20))
 
@@ -105,8 +109,16 @@ def full_forward_states(model, tok, sentence: str) -> tuple[list[int], tuple[tor
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2"])
 def test_every_vector_equals_an_unbatched_full_forward(model_type):
     model, tok = tiny_causal_lm(model_type), tiny_tokenizer()
-    index = build_index(None, CORPUS, layers=[0, 1, 2], model=model, tokenizer=tok, batch_size=3,
-                        show_progress=False, max_contexts_per_token=3)
+    index = build_index(
+        None,
+        CORPUS,
+        layers=[0, 1, 2],
+        model=model,
+        tokenizer=tok,
+        batch_size=3,
+        show_progress=False,
+        max_contexts_per_token=3,
+    )
     e = index.entries
     assert index.available_layers == [0, 1, 2] and len(e) > 10
     assert int(e.position.min()) >= 2  # positions 0 (BOS) and 1 skipped
@@ -134,9 +146,18 @@ def test_searching_a_stored_vector_finds_itself():
 
 def test_paper_mode_raw_fp8_reservoir(tmp_path):
     model, tok = tiny_causal_lm("qwen2"), tiny_tokenizer()
-    index = build_index(None, CORPUS * 4, layers=[1, 3], model=model, tokenizer=tok, show_progress=False,
-                        sampling="reservoir", max_contexts_per_token=2, storage_dtype="float8_e4m3fn",
-                        output_dir=tmp_path / "bank")
+    index = build_index(
+        None,
+        CORPUS * 4,
+        layers=[1, 3],
+        model=model,
+        tokenizer=tok,
+        show_progress=False,
+        sampling="reservoir",
+        max_contexts_per_token=2,
+        storage_dtype="float8_e4m3fn",
+        output_dir=tmp_path / "bank",
+    )
     e = index.entries
     assert index.dtype == torch.float8_e4m3fn
     assert int(e.position.min()) == 0  # nothing skipped: BOS included
@@ -162,7 +183,14 @@ def test_bad_inputs():
 
 def test_resume_after_exception_equals_uninterrupted(tmp_path, monkeypatch):
     model, tok = tiny_causal_lm("llama"), tiny_tokenizer()
-    kw = dict(layers=[1, 2], model=model, tokenizer=tok, show_progress=False, shard_sentences=2, batch_size=2)
+    kw = dict(
+        layers=[1, 2],
+        model=model,
+        tokenizer=tok,
+        show_progress=False,
+        shard_sentences=2,
+        batch_size=2,
+    )
     ref = build_index(None, CORPUS, output_dir=tmp_path / "ref", **kw)
 
     real = _Builder._run_shard
@@ -222,7 +250,9 @@ def test_resume_after_kill_9(tmp_path):
     root = str(Path(__file__).resolve().parents[1])
     out = tmp_path / "killed"
     script = KILL_SCRIPT.format(root=root, out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=root)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=root
+    )
     assert proc.stdout is not None
     seen = 0
     deadline = time.time() + 120
@@ -234,8 +264,14 @@ def test_resume_after_kill_9(tmp_path):
     proc.wait()
     assert seen == 3 and not (out / "config.json").exists()
     torch.manual_seed(0)
-    kw = dict(layers=[1, 2], model=tiny_causal_lm("llama"), tokenizer=tiny_tokenizer(),
-              show_progress=False, shard_sentences=1, batch_size=1)
+    kw = dict(
+        layers=[1, 2],
+        model=tiny_causal_lm("llama"),
+        tokenizer=tiny_tokenizer(),
+        show_progress=False,
+        shard_sentences=1,
+        batch_size=1,
+    )
     got = build_index(None, CORPUS, output_dir=out, **kw)
     ref = build_index(None, CORPUS, **kw)
     for layer in (1, 2):
@@ -264,7 +300,9 @@ def test_smollm2_finds_itself_and_separates_word_senses():
     captions = load_corpus(demo_corpus_path())
     senses = [c for c in captions if " bank" in c or " bat " in c or c.endswith(" bat")]
     corpus = senses + captions[:40]
-    index = build_index("smollm2", corpus, layers=[8, 16], model=model, tokenizer=tok, show_progress=False)
+    index = build_index(
+        "smollm2", corpus, layers=[8, 16], model=model, tokenizer=tok, show_progress=False
+    )
     # a stored token searched with its own contextual vector comes back first, similarity 1
     ids, pos = word_position(tok, senses[0], "bank" if "bank" in senses[0] else "bat")
     vec = get_hidden_states(model, [16], input_ids=torch.tensor([ids]))[16][0, pos]
@@ -272,7 +310,18 @@ def test_smollm2_finds_itself_and_separates_word_senses():
     assert top.caption == senses[0] and top.similarity == pytest.approx(1.0, abs=2e-3)
     # new sentences: each sense of "bank" lands on captions of its own sense
     money = ("teller", "atm", "savings", "lobby", "building", "vault", "cash", "deposit", "loan")
-    river = ("river", "stream", "lake", "muddy", "grassy", "sandy", "steep", "canoe", "water", "shore")
+    river = (
+        "river",
+        "stream",
+        "lake",
+        "muddy",
+        "grassy",
+        "sandy",
+        "steep",
+        "canoe",
+        "water",
+        "shore",
+    )
     for sentence, wanted, unwanted in [
         ("She deposited her paycheck at the bank on Main Street.", money, river),
         ("Two ducks rested on the muddy bank of the stream.", river, money),
@@ -281,4 +330,6 @@ def test_smollm2_finds_itself_and_separates_word_senses():
         vec = get_hidden_states(model, [16], input_ids=torch.tensor([ids]))[16][0, pos]
         hits = index.search(vec, top_k=3, layers=[16])[0]
         assert all(h.token_str.strip() == "bank" for h in hits)
-        assert sum(any(w in h.caption for w in wanted) for h in hits) >= 2, [h.caption for h in hits]
+        assert sum(any(w in h.caption for w in wanted) for h in hits) >= 2, [
+            h.caption for h in hits
+        ]

@@ -17,7 +17,12 @@ from latentlens.search import brute_force
 
 def make_meta(n: int) -> list[dict]:
     return [
-        {"token_str": f" w{i % 37}", "token_id": i % 37, "caption": f"caption {i // 3}", "position": i % 3 + 2}
+        {
+            "token_str": f" w{i % 37}",
+            "token_id": i % 37,
+            "caption": f"caption {i // 3}",
+            "position": i % 3 + 2,
+        }
         for i in range(n)
     ]
 
@@ -110,8 +115,16 @@ def test_fp8_and_bf16_storage(tmp_path):
         q = torch.randn(3, 16)
         ref = brute_force(q, [back.embeddings(2)], 5)
         assert back.search_rows(q)[2].tolist() == ref.row.tolist()
-    assert float(ContextualIndex.from_tensors(layers, make_meta(50), dtype="fp8", normalize=False)
-                 .embeddings(2).float().abs().max()) <= 448
+    assert (
+        float(
+            ContextualIndex.from_tensors(layers, make_meta(50), dtype="fp8", normalize=False)
+            .embeddings(2)
+            .float()
+            .abs()
+            .max()
+        )
+        <= 448
+    )
 
 
 def test_bad_directories(tmp_path, index):
@@ -156,7 +169,10 @@ def write_legacy(root: Path, layers: dict[int, torch.Tensor], metas: dict[int, l
     (root / "metadata.json").write_text(json.dumps({"layers": sorted(layers), "hidden_dim": 16}))
     for layer, emb in layers.items():
         (root / f"layer_{layer}").mkdir()
-        torch.save({"embeddings": emb, "metadata": metas[layer]}, root / f"layer_{layer}" / "embeddings_cache.pt")
+        torch.save(
+            {"embeddings": emb, "metadata": metas[layer]},
+            root / f"layer_{layer}" / "embeddings_cache.pt",
+        )
 
 
 def test_legacy_layout_is_read_and_converted(tmp_path):
@@ -173,7 +189,10 @@ def test_legacy_layout_is_read_and_converted(tmp_path):
             layer = [1, 2][int(ref.bank[i, j])]
             row = int(ref.row[i, j]) + (10 if layer == 2 else 0)
             assert (nb.contextual_layer, nb.caption, nb.position) == (
-                layer, meta[row]["caption"], meta[row]["position"])
+                layer,
+                meta[row]["caption"],
+                meta[row]["position"],
+            )
     idx.save(tmp_path / "new")
     again = ContextualIndex.from_directory(tmp_path / "new")
     assert again.search(q, top_k=4) == got
@@ -230,7 +249,9 @@ def test_from_pretrained_reads_legacy_hub_layout(tmp_path, monkeypatch):
     write_legacy(tmp_path / "old", {5: torch.randn(20, 16)}, {5: meta})
     files = {
         "metadata.json": (tmp_path / "old" / "metadata.json").read_bytes(),
-        "layer_5/embeddings_cache.pt": (tmp_path / "old" / "layer_5" / "embeddings_cache.pt").read_bytes(),
+        "layer_5/embeddings_cache.pt": (
+            tmp_path / "old" / "layer_5" / "embeddings_cache.pt"
+        ).read_bytes(),
     }
     fake_hub_repo(tmp_path / "hub", "McGill-NLP/latentlens-qwen2vl-embeddings", files)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from latentlens import ContextualIndex
 from latentlens.explain import explain_image, sample_patches
 from latentlens.extract import build_index
 from latentlens.models.hooks import get_hidden_states
@@ -42,7 +41,8 @@ def qwen_vl(kind: str = "qwen2_vl"):
     tok.add_special_tokens({"additional_special_tokens": VL_TOKENS})
     sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
     proc = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tok,
+        image_processor=Qwen2VLImageProcessor(**sizes),
+        tokenizer=tok,
         video_processor=Qwen2VLVideoProcessor(**sizes),
     )
     model = tiny_vlm(kind)
@@ -58,9 +58,14 @@ def llava():
     tok = tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     ip = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4,
-                          vision_feature_select_strategy="default", image_token="<image>",
-                          num_additional_image_tokens=1)
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
     model = tiny_vlm("llava")
     model.config.image_token_index = tok.convert_tokens_to_ids("<image>")
     return model, proc
@@ -127,8 +132,15 @@ def test_image_preparation():
 def tiny_bank_and_model(tmp_path_factory):
     model, proc = qwen_vl()
     tmp = tmp_path_factory.mktemp("qs")
-    index = build_index("tiny-qwen2-vl", SENTENCES, layers=[1, 2, 3], model=model,
-                        tokenizer=proc.tokenizer, show_progress=False, output_dir=tmp / "bank")
+    index = build_index(
+        "tiny-qwen2-vl",
+        SENTENCES,
+        layers=[1, 2, 3],
+        model=model,
+        tokenizer=proc.tokenizer,
+        show_progress=False,
+        output_dir=tmp / "bank",
+    )
     return model, proc, index, tmp
 
 
@@ -136,7 +148,9 @@ def test_explain_image_matches_direct_search(tiny_bank_and_model, tmp_path):
     model, proc, index, _ = tiny_bank_and_model
     ex = explain_image(model, proc, random_image(), index, [1, 3], top_k=3, size=32, num_patches=4)
     assert ex.grid == (4, 4) and ex.layers == [1, 3] and len(ex.patches) == 4
-    inputs = encode_image_prompt(proc, square_crop_resize(random_image(), 32), "Describe this image in detail.")
+    inputs = encode_image_prompt(
+        proc, square_crop_resize(random_image(), 32), "Describe this image in detail."
+    )
     vt = locate_visual_tokens(model, inputs["input_ids"], inputs["image_grid_thw"])
     with torch.inference_mode():
         h = get_hidden_states(model, [3], **inputs)[3][0, vt.position(2, 1)]
@@ -145,7 +159,13 @@ def test_explain_image_matches_direct_search(tiny_bank_and_model, tmp_path):
     patch = d["layers"]["3"]["patches"][9]
     assert (patch["patch_idx"], patch["patch_row"], patch["patch_col"]) == (9, 2, 1)
     assert set(patch["nearest_contextual_neighbors"][0]) == {
-        "token_str", "similarity", "caption", "position", "token_id", "contextual_layer"}
+        "token_str",
+        "similarity",
+        "caption",
+        "position",
+        "token_id",
+        "contextual_layer",
+    }
     assert "layer 1" in ex.table()
     patch_figure(ex).savefig(tmp_path / "fig.png")
     png = np.asarray(Image.open(tmp_path / "fig.png"))
@@ -157,12 +177,36 @@ def test_quickstart_script_end_to_end(tiny_bank_and_model, tmp_path):
     model.save_pretrained(tmp_path / "vlm")
     proc.save_pretrained(tmp_path / "vlm")
     random_image(80, 64).save(tmp_path / "photo.png")
-    cmd = [sys.executable, str(ROOT / "quickstart.py"), "--image", str(tmp_path / "photo.png"),
-           "--model", str(tmp_path / "vlm"), "--bank", str(tmp / "bank"), "--size", "32",
-           "--layers", "1,2", "--num-patches", "3", "--top-k", "4", "--device", "cpu",
-           "--json", "--html"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "quickstart.py"),
+        "--image",
+        str(tmp_path / "photo.png"),
+        "--model",
+        str(tmp_path / "vlm"),
+        "--bank",
+        str(tmp / "bank"),
+        "--size",
+        "32",
+        "--layers",
+        "1,2",
+        "--num-patches",
+        "3",
+        "--top-k",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        "--html",
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "layer 2" in out.stdout and "patch" in out.stdout
     png = tmp_path / "photo_latentlens.png"
@@ -173,34 +217,67 @@ def test_quickstart_script_end_to_end(tiny_bank_and_model, tmp_path):
     page = (tmp_path / "photo_latentlens.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page
     # bad input: one clear line, no traceback
-    bad = subprocess.run(cmd[:2] + ["--image", str(tmp_path / "photo.png"), "--model", str(tmp_path / "vlm"),
-                                    "--bank", str(tmp_path / "nope")], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
+    bad = subprocess.run(
+        cmd[:2]
+        + [
+            "--image",
+            str(tmp_path / "photo.png"),
+            "--model",
+            str(tmp_path / "vlm"),
+            "--bank",
+            str(tmp_path / "nope"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert bad.returncode == 1 and "Error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    _chromium() is None, reason="no headless Chromium installed (apt-get install chromium)"
+)
 def test_html_explorer_renders_in_a_real_browser(tiny_bank_and_model, tmp_path):
     model, proc, index, _ = tiny_bank_and_model
     ex = explain_image(model, proc, random_image(), index, [1, 2], top_k=2, size=32, num_patches=2)
     ex.neighbors[1][ex.patches[0]][0].caption = "a caption with </script><b>tags</b>"
     page = tmp_path / "x.html"
     page.write_text(explorer_html(ex), encoding="utf-8")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [_chromium(), *flags, "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert 'data-ready="yes"' in dom  # the script ran to its end
     assert dom.count('class="cell') == 16  # one cell per patch
     assert "layer 1</th>" in dom and "layer 2</th>" in dom  # the first highlighted patch's tables
     assert "&lt;/script&gt;" in dom  # captions are escaped, not injected
     shot = tmp_path / "shot.png"
-    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,700", page.as_uri()],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,700", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.std() > 10

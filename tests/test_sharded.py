@@ -18,9 +18,16 @@ from latentlens.sharded import DistributedIndex, MultiDeviceIndex, merge_candida
 def make_bank(root: Path) -> ContextualIndex:
     torch.manual_seed(3)
     n = 23
-    meta = [{"token_str": f"t{i % 7}", "token_id": i % 7, "caption": f"c{i}", "position": i % 4} for i in range(n)]
+    meta = [
+        {"token_str": f"t{i % 7}", "token_id": i % 7, "caption": f"c{i}", "position": i % 4}
+        for i in range(n)
+    ]
     base = torch.randn(n, 16)
-    layers = {1: base.clone(), 4: torch.randn(n, 16), 9: base.clone()}  # layer 9 = exact ties with 1
+    layers = {
+        1: base.clone(),
+        4: torch.randn(n, 16),
+        9: base.clone(),
+    }  # layer 9 = exact ties with 1
     layers[4][5] = layers[4][2]  # duplicate rows inside a layer
     index = ContextualIndex.from_tensors(layers, meta)
     index.save(root)
@@ -57,8 +64,12 @@ def test_distributed_search_equals_single_index(tmp_path, world):
     index = make_bank(tmp_path / "bank")
     queries = torch.randn(7, 16)
     queries[3] = index.embeddings(1)[6].float()  # a query whose best hits tie across layers 1/9
-    mp.spawn(_worker, args=(world, free_port(), str(tmp_path / "bank"), queries, str(tmp_path / "res")),
-             nprocs=world, join=True)
+    mp.spawn(
+        _worker,
+        args=(world, free_port(), str(tmp_path / "bank"), queries, str(tmp_path / "res")),
+        nprocs=world,
+        join=True,
+    )
     expected = {
         "many": index.search_rows(queries, 5),
         "one": index.search_rows(queries[0], 3),
@@ -85,7 +96,12 @@ def test_a_rank_with_an_empty_slice(tmp_path):
     index.save(tmp_path / "tiny")
     assert D.shard_range(2, 3, 2) == (2, 2)
     q = torch.randn(3, 8)
-    mp.spawn(_tiny_worker, args=(3, free_port(), str(tmp_path / "tiny"), q, str(tmp_path / "r")), nprocs=3, join=True)
+    mp.spawn(
+        _tiny_worker,
+        args=(3, free_port(), str(tmp_path / "tiny"), q, str(tmp_path / "r")),
+        nprocs=3,
+        join=True,
+    )
     for r in range(3):
         s, lay, row = torch.load(f"{tmp_path / 'r'}.{r}", weights_only=False)
         es, el, er = index.search_rows(q, 5)
@@ -155,8 +171,17 @@ def _build_worker(r: int, world: int, port: int, out: str, crash_rank: int) -> N
 
     _Builder._write_shard = write  # type: ignore[method-assign]
     try:
-        index = build_index(None, CORPUS, layers=[1, 2], model=tiny_causal_lm("llama"), tokenizer=tiny_tokenizer(),
-                            show_progress=False, shard_sentences=1, batch_size=2, output_dir=out)
+        index = build_index(
+            None,
+            CORPUS,
+            layers=[1, 2],
+            model=tiny_causal_lm("llama"),
+            tokenizer=tiny_tokenizer(),
+            show_progress=False,
+            shard_sentences=1,
+            batch_size=2,
+            output_dir=out,
+        )
         torch.save({"n_written": written["n"], "rows": len(index)}, f"{out}.rank{r}")
     finally:
         if dist.is_initialized():
@@ -169,13 +194,21 @@ def test_distributed_build_equals_single_process_and_survives_a_dead_rank(tmp_pa
     from tests.tiny import tiny_causal_lm, tiny_tokenizer
 
     out = str(tmp_path / "bank")
-    with pytest.raises(Exception):  # rank 1 dies: the run fails, shards written so far stay
+    with pytest.raises(mp.ProcessExitedException):  # rank 1 dies: the run fails, shards written so far stay
         mp.spawn(_build_worker, args=(2, free_port(), out, 1), nprocs=2, join=True)
     before = sorted(p.name for p in (tmp_path / "bank" / ".build").glob("shard_*"))
     assert len(before) >= 2
     mp.spawn(_build_worker, args=(2, free_port(), out, -1), nprocs=2, join=True)
-    ref = build_index(None, CORPUS, layers=[1, 2], model=tiny_causal_lm("llama"), tokenizer=tiny_tokenizer(),
-                      show_progress=False, shard_sentences=1, batch_size=2)
+    ref = build_index(
+        None,
+        CORPUS,
+        layers=[1, 2],
+        model=tiny_causal_lm("llama"),
+        tokenizer=tiny_tokenizer(),
+        show_progress=False,
+        shard_sentences=1,
+        batch_size=2,
+    )
     got = ContextualIndex.from_directory(out)
     for layer in (1, 2):
         assert torch.equal(got.embeddings(layer), ref.embeddings(layer))

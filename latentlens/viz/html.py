@@ -87,8 +87,15 @@ def explorer_html(ex: ImageExplanation, display_size: int = 512) -> str:
     neighbors = {}
     for layer in ex.layers:
         neighbors[str(layer)] = [
-            [[n.token_str, round(n.similarity, 4), n.contextual_layer, captions.setdefault(n.caption, len(captions))]
-             for n in patch]
+            [
+                [
+                    n.token_str,
+                    round(n.similarity, 4),
+                    n.contextual_layer,
+                    captions.setdefault(n.caption, len(captions)),
+                ]
+                for n in patch
+            ]
             for patch in ex.neighbors[layer]
         ]
     data = {

@@ -43,9 +43,18 @@ def patch_figure(ex: ImageExplanation, layers: list[int] | None = None) -> Figur
         ax_img.axvline(c * pw - 0.5, color="white", lw=0.3, alpha=0.5)
     for i, p in enumerate(ex.patches, 1):
         r, c = ex.rc(p)
-        ax_img.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec="red", lw=2))
-        ax_img.text(c * pw + 1, r * ph + 1, str(i), color="white", fontsize=8, va="top",
-                    bbox={"facecolor": "red", "pad": 1, "lw": 0})
+        ax_img.add_patch(
+            Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec="red", lw=2)
+        )
+        ax_img.text(
+            c * pw + 1,
+            r * ph + 1,
+            str(i),
+            color="white",
+            fontsize=8,
+            va="top",
+            bbox={"facecolor": "red", "pad": 1, "lw": 0},
+        )
     ax_img.set_title(f"{ex.image_name or 'image'} — {h}×{w} visual tokens", fontsize=10)
     x0 = 6.2 / fig.get_figwidth()
     span = (1 - x0) / len(layers)
@@ -55,8 +64,13 @@ def patch_figure(ex: ImageExplanation, layers: list[int] | None = None) -> Figur
         for i, p in enumerate(ex.patches):
             nb = ex.neighbors[layer][p][0]
             y = 0.91 - i * (0.86 / max(n_rows, 1))
-            fig.text(x, y, f"#{i + 1} {nb.token_str.strip()!r}  {nb.similarity:.2f}  (L{nb.contextual_layer})",
-                     fontsize=8.5, family="monospace")
+            fig.text(
+                x,
+                y,
+                f"#{i + 1} {nb.token_str.strip()!r}  {nb.similarity:.2f}  (L{nb.contextual_layer})",
+                fontsize=8.5,
+                family="monospace",
+            )
             caption = textwrap.shorten(nb.caption, width=52, placeholder="…")
             fig.text(x + 0.01, y - 0.025, caption, fontsize=7, color="#555555")
     return fig
