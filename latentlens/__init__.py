@@ -14,16 +14,25 @@ from latentlens.errors import (
     UnsupportedArchitectureError,
 )
 from latentlens.index import ContextualIndex, Neighbor
+from latentlens.interpret import InterpretResult, interpret
+from latentlens.lenses import EmbeddingLens, LatentLens, Lens, LogitLens, Prediction
 
 __all__ = [
     "BankFormatError",
     "ContextualIndex",
     "CorpusError",
     "DimensionMismatchError",
+    "EmbeddingLens",
+    "InterpretResult",
     "InvalidQueryError",
+    "LatentLens",
     "LatentLensError",
     "LayerNotFoundError",
+    "Lens",
+    "LogitLens",
     "Neighbor",
+    "Prediction",
     "UnsupportedArchitectureError",
     "__version__",
+    "interpret",
 ]

@@ -56,6 +56,8 @@ def main() -> None:
     \b
     Typical use:
       latentlens demo                          build a small bank with SmolLM2 and search it
+      latentlens search BANK --text "..."      each token's contextual neighbours in a bank
+      latentlens interpret MODEL --text "..."  logit / embedding / latent lens, table + figure
       latentlens info BANK                     what a bank holds
       latentlens convert OLD_BANK NEW_BANK     legacy .pt bank -> safe safetensors bank
     """
@@ -178,6 +180,154 @@ def build(model: str, corpus: str, out_dir: str, layers: str | None, cap: int | 
                         device=torch.device(device) if device else None, output_dir=out_dir,
                         resume=not no_resume, **kwargs)
     click.echo(f"wrote {out_dir}: {index!r}")
+
+
+def _load_cli_model(name: str, device: str | None, dtype: str | None) -> tuple[Any, Any]:
+    """``smollm2`` (or the name the demo bank records) → the bundled model; else Hub/path."""
+    if name.lower() in ("smollm2", "smollm2-135m-instruct"):
+        from latentlens.models.loading import load_smollm2
+
+        model, tokenizer = load_smollm2()
+        if device:
+            model = model.to(device)
+        return model, tokenizer
+    from latentlens.models.loading import load_model
+
+    return load_model(name, device=device, dtype=dtype)
+
+
+def _write_outputs(result: Any, json_path: str | None, plot_path: str | None, quiet: bool) -> None:
+    if not quiet:
+        click.echo(result.table(), nl=False)
+    if json_path:
+        result.to_json(json_path)
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        result.plot(plot_path)
+        click.echo(f"wrote {plot_path}", err=True)
+
+
+_text_option = click.option("--text", "-t", required=True, help="The sentence to read.")
+_positions_option = click.option(
+    "--positions", default=None,
+    help="Comma-separated token positions to read; negative counts from the end (default: all).",
+)
+_top_k_option = click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(1),
+                             help="Predictions per token and layer.")
+_device_option = click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu).")
+_dtype_option = click.option("--dtype", "model_dtype", default=None,
+                             help="Model dtype: float32, float16, bfloat16 (default: the model's).")
+_json_option = click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+                            help="Also write the results as JSON to this file.")
+_plot_option = click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+                            help="Also save a tokens x layers figure (e.g. out.png).")
+_quiet_option = click.option("--quiet", "-q", is_flag=True, help="Do not print the table.")
+
+
+@main.command()
+@click.argument("bank", type=click.Path(exists=True, file_okay=False))
+@_text_option
+@click.option("--model", "model_name", default=None,
+              help="Model that embeds the text (default: the one the bank records; "
+                   "'smollm2' = bundled SmolLM2-135M).")
+@click.option("--layers", default=None,
+              help="Comma-separated layers of the text to read (default: the bank's layers).")
+@click.option("--bank-layers", default=None,
+              help="Comma-separated bank layers to search (default: all; global top-k).")
+@_top_k_option
+@_positions_option
+@_device_option
+@_dtype_option
+@_json_option
+@_plot_option
+@_quiet_option
+@user_errors
+def search(bank: str, text: str, model_name: str | None, layers: str | None,
+           bank_layers: str | None, top_k: int, positions: str | None, device: str | None,
+           model_dtype: str | None, json_path: str | None, plot_path: str | None,
+           quiet: bool) -> None:
+    """Show each token's nearest contextual neighbours in BANK.
+
+    TEXT is embedded by the bank's own model (or --model); the hidden state of every
+    token at each chosen layer is compared with every bank layer, and the global top-k
+    (cosine) is printed with the sentence each neighbour came from.
+    """
+    from latentlens.errors import LatentLensError
+    from latentlens.index import ContextualIndex
+    from latentlens.interpret import interpret
+    from latentlens.lenses import LatentLens
+
+    index = ContextualIndex.from_directory(bank)
+    name = model_name or index.model_name
+    if not name:
+        raise LatentLensError(f"bank {bank} does not record its model; pass --model")
+    model, tokenizer = _load_cli_model(name, device, model_dtype)
+    if device:
+        index.to(device)
+    query_layers = parse_layers(layers) or index.available_layers
+    lens = LatentLens(index, top_k, layers=parse_layers(bank_layers))
+    result = interpret(model, tokenizer, text, query_layers, [lens],
+                       positions=parse_layers(positions))
+    _write_outputs(result, json_path, plot_path, quiet)
+
+
+@main.command()
+@click.argument("model")
+@_text_option
+@click.option("--bank", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Contextual bank for the latent lens (built from the same model).")
+@click.option("--lens", "lens_names", multiple=True,
+              type=click.Choice(["latent", "logit", "embedding"]),
+              help="Lens to run; repeat for several (default: logit, embedding, and latent "
+                   "when --bank is given).")
+@click.option("--layers", default=None,
+              help="Comma-separated layers to read (default: all, 0 = embeddings).")
+@click.option("--bank-layers", default=None,
+              help="Bank layers the latent lens searches (default: all; global top-k).")
+@_top_k_option
+@_positions_option
+@click.option("--all-embedding-rows", is_flag=True,
+              help="Embedding lens over every row, special and padding tokens included "
+                   "(the original release's behaviour).")
+@_device_option
+@_dtype_option
+@_json_option
+@_plot_option
+@_quiet_option
+@user_errors
+def interpret(model: str, text: str, bank: str | None, lens_names: tuple[str, ...],
+              layers: str | None, bank_layers: str | None, top_k: int, positions: str | None,
+              all_embedding_rows: bool, device: str | None, model_dtype: str | None,
+              json_path: str | None, plot_path: str | None, quiet: bool) -> None:
+    """Read TEXT's hidden states in MODEL through the logit, embedding and latent lenses.
+
+    MODEL is a Hub id or local path ('smollm2' = bundled SmolLM2-135M). One forward pass
+    captures the chosen layers; each lens prints its top-k per token and layer. --json
+    and --plot save the results and the tokens x layers figure (side by side for
+    several lenses).
+    """
+    from latentlens.index import ContextualIndex
+    from latentlens.interpret import interpret as run_interpret
+    from latentlens.interpret import make_lens
+
+    names = list(dict.fromkeys(lens_names)) or (["latent"] if bank else []) + ["logit", "embedding"]
+    if "latent" in names and not bank:
+        raise click.UsageError("--lens latent needs --bank BANK")
+    net, tokenizer = _load_cli_model(model, device, model_dtype)
+    index = None
+    if bank and "latent" in names:
+        index = ContextualIndex.from_directory(bank, device=device)
+    lenses = []
+    for name in names:
+        kwargs: dict[str, Any] = {}
+        if name == "latent":
+            kwargs["layers"] = parse_layers(bank_layers)
+        elif name == "embedding":
+            kwargs["original"] = all_embedding_rows
+        lenses.append(make_lens(name, net, tokenizer, top_k, index=index, **kwargs))
+    result = run_interpret(net, tokenizer, text, parse_layers(layers), lenses,
+                           positions=parse_layers(positions))
+    _write_outputs(result, json_path, plot_path, quiet)
 
 
 if __name__ == "__main__":

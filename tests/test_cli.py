@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -67,3 +69,97 @@ def test_build_rejects_empty_corpus(tmp_path):
     (tmp_path / "c.txt").write_text("\n\n")
     r = CliRunner().invoke(main, ["build", "whatever", str(tmp_path / "c.txt"), str(tmp_path / "o")])
     assert r.exit_code == 1 and "no non-blank" in r.output
+
+
+# --- search and interpret ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_bank(tmp_path_factory) -> tuple[str, str]:
+    """A tiny Llama saved to disk and a bank built from it (the manifest names its path)."""
+    from latentlens.extract import build_index
+    from tests.tiny import SENTENCES, tiny_causal_lm, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tiny_causal_lm("llama").save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    build_index(str(root / "model"), SENTENCES, layers=[1, 3], max_contexts_per_token=3,
+                output_dir=root / "bank", device="cpu", show_progress=False)
+    return str(root / "model"), str(root / "bank")
+
+
+def test_search_shows_each_tokens_neighbours(tiny_model_and_bank, tmp_path) -> None:
+    from tests.tiny import SENTENCES
+
+    _, bank = tiny_model_and_bank
+    args = ["search", bank, "--text", "the cat sleeps", "--layers", "3", "--top-k", "2",
+            "--json", str(tmp_path / "s.json")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "== latent lens (score: cosine)" in r.output and "layer 3" in r.output
+    assert "'sleeps'" in r.output and any(s in r.output for s in SENTENCES)
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["layers"] == [3] and data["tokens"] == ["<s>", "the", "cat", "sleeps"]
+    cell = data["lenses"]["latent"]["predictions"][0][2]
+    assert len(cell) == 2 and cell[0]["contextual_layer"] in (1, 3)
+    assert cell[0]["caption"] in SENTENCES
+    r = CliRunner().invoke(main, ["search", bank, "--text", "the cat", "--bank-layers", "1", "-q",
+                                  "--json", str(tmp_path / "s1.json")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "s1.json").read_text())
+    assert data["layers"] == [1, 3]  # default query layers: the bank's
+    assert {p["contextual_layer"] for row in data["lenses"]["latent"]["predictions"]
+            for cell in row for p in cell} == {1}
+
+
+def test_interpret_all_three_lenses_with_json_and_plot(tiny_model_and_bank, tmp_path) -> None:
+    model, bank = tiny_model_and_bank
+    args = ["interpret", model, "--text", "a red car", "--bank", bank, "--lens", "latent",
+            "--lens", "logit", "--lens", "embedding", "--layers", "0,3", "--top-k", "3",
+            "--json", str(tmp_path / "i.json"), "--plot", str(tmp_path / "i.png")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    for name in ("latent", "logit", "embedding"):
+        assert f"== {name} lens" in r.output
+    data = json.loads((tmp_path / "i.json").read_text())
+    assert list(data["lenses"]) == ["latent", "logit", "embedding"] and data["layers"] == [0, 3]
+    assert (tmp_path / "i.png").stat().st_size > 10_000
+    # Default lenses without a bank; the original embedding lens may return special ids.
+    r = CliRunner().invoke(main, ["interpret", model, "-t", "a red car", "--layers", "0",
+                                  "--all-embedding-rows", "--json", str(tmp_path / "o.json")])
+    assert r.exit_code == 0, r.output
+    assert list(json.loads((tmp_path / "o.json").read_text())["lenses"]) == ["logit", "embedding"]
+
+
+def test_search_and_interpret_user_errors(tiny_model_and_bank, tmp_path) -> None:
+    model, bank = tiny_model_and_bank
+    cases = [
+        (["interpret", model, "-t", "a red car", "--lens", "latent"], 2, "needs --bank"),
+        (["interpret", model, "-t", "a red car", "--layers", "7"], 1, "invalid layer"),
+        (["interpret", model, "-t", "a red car", "--positions", "9"], 1, "out of range"),
+        (["interpret", str(tmp_path / "nope"), "-t", "a"], 1, "Error:"),
+        (["search", bank, "-t", "a red car", "--bank-layers", "2"], 1, "not in this index"),
+        (["search", bank, "-t", "a red car", "--layers", "x"], 2, "comma-separated integers"),
+        (["interpret", model, "-t", "a", "--lens", "tuned"], 2, "Invalid value"),
+    ]
+    for args, code, message in cases:
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == code, (args, r.output)
+        assert message in r.output and "Traceback" not in r.output, (args, r.output)
+    small_index().save(tmp_path / "anon")
+    manifest = tmp_path / "anon" / "config.json"
+    manifest.write_text(manifest.read_text().replace('"model_name": "m"', '"model_name": ""'))
+    r = CliRunner().invoke(main, ["search", str(tmp_path / "anon"), "-t", "a"])
+    assert r.exit_code == 1 and "pass --model" in r.output
+
+
+def test_interpret_as_subprocess(tiny_model_and_bank, tmp_path) -> None:
+    model, _ = tiny_model_and_bank
+    out = subprocess.run(
+        [sys.executable, "-m", "latentlens.cli", "interpret", model, "--text", "the cat sleeps",
+         "--layers", "1,3", "--lens", "logit", "--json", str(tmp_path / "p.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "== logit lens" in out.stdout and "layer 3" in out.stdout
+    assert json.loads((tmp_path / "p.json").read_text())["tokens"][-1] == "sleeps"

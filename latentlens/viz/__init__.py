@@ -1,0 +1,7 @@
+"""Figures as pure functions: they return matplotlib figures and never show them."""
+
+from __future__ import annotations
+
+from latentlens.viz.grid import cell_label, compare_lenses, draw_grid, lens_grid
+
+__all__ = ["cell_label", "compare_lenses", "draw_grid", "lens_grid"]

@@ -1,0 +1,377 @@
+"""Run the three lenses over a molmo model and images; write the original release's JSON files.
+
+One forward pass per batch of images serves every lens and layer. Files (SPEC §8), each
+in `<output_dir>/<lens folder>/<run name>/`:
+
+- LatentLens → `contextual_nearest_neighbors/…/contextual_neighbors_visual{L}_allLayers.json`
+- LogitLens → `logit_lens/…/logit_lens_layer{L}_topk{k}_multi-gpu.json`
+- EmbeddingLens → `nearest_neighbors/…/nearest_neighbors_analysis_pixmo_cap_multi-gpu_layer{L}.json`
+
+The lens folders and the run name (`<parent>_<name>` of the checkpoint directory, e.g.
+`checkpoints_olmo-vit`) follow the original scripts' defaults, so existing analysis tools
+(the LLM judge, the aggregation) find and read the files. Layer 0 is the connector output
+for LatentLens and EmbeddingLens and `hidden_states[0]` (connector output + <im_patch>
+embedding) for LogitLens, as in the original runs.
+
+Deviations, by design: the EmbeddingLens skips padding / special / never-trained rows
+unless `embedding_original=True` (SPEC §4); the original's caption-word matching
+statistics (`match_type`, `caption_match`, ...) are not computed, only
+`total_visual_tokens`; one process writes everything (`num_processes` is 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from latentlens.atomic import write_json
+from latentlens.index import ContextualIndex
+from molmo.config import default_query_layers
+from molmo.model import MolmoModel
+from molmo.processing import ImageInput
+
+logger = logging.getLogger(__name__)
+
+LensName = Literal["latentlens", "logitlens", "embeddinglens"]
+ALL_LENSES: tuple[LensName, ...] = ("latentlens", "logitlens", "embeddinglens")
+LENS_DIRS: dict[LensName, str] = {
+    "latentlens": "contextual_nearest_neighbors",
+    "logitlens": "logit_lens",
+    "embeddinglens": "nearest_neighbors",
+}
+"""Default output folder of each lens in the original scripts."""
+
+
+def latentlens_filename(layer: int) -> str:
+    """`contextual_neighbors_visual{layer}_allLayers.json`."""
+    return f"contextual_neighbors_visual{layer}_allLayers.json"
+
+
+def logitlens_filename(layer: int, top_k: int) -> str:
+    """`logit_lens_layer{layer}_topk{top_k}_multi-gpu.json`."""
+    return f"logit_lens_layer{layer}_topk{top_k}_multi-gpu.json"
+
+
+def embeddinglens_filename(layer: int) -> str:
+    """`nearest_neighbors_analysis_pixmo_cap_multi-gpu_layer{layer}.json`."""
+    return f"nearest_neighbors_analysis_pixmo_cap_multi-gpu_layer{layer}.json"
+
+
+def default_run_name(model: MolmoModel) -> str:
+    """`<parent>_<name>` of the connector's directory, as the original scripts named runs.
+
+    A connector from the Hub cache (or none) gives `checkpoints_<model name>`, the name
+    the original pipeline's download step produced.
+    """
+    path = model.checkpoint_path
+    if path is None or "snapshots" in path.parts:
+        return f"checkpoints_{model.config.name}"
+    folder = path.parent
+    return f"{folder.parent.name}_{folder.name}" if folder.parent.name else folder.name
+
+
+def _patch_entries(grid: int) -> list[dict[str, int]]:
+    return [
+        {"patch_idx": i, "patch_row": i // grid, "patch_col": i % grid} for i in range(grid * grid)
+    ]
+
+
+@dataclass
+class _Collected:
+    """Per-(lens, layer) image records, in image order."""
+
+    images: dict[tuple[LensName, int], list[dict[str, Any]]] = field(default_factory=dict)
+
+    def add(self, lens: LensName, layer: int, record: dict[str, Any]) -> None:
+        self.images.setdefault((lens, layer), []).append(record)
+
+
+def _build_lenses(
+    model: MolmoModel,
+    lenses: Sequence[LensName],
+    index: ContextualIndex | None,
+    contextual_layers: Sequence[int] | None,
+    top_k: int,
+    embedding_original: bool,
+) -> dict[LensName, Any]:
+    from latentlens.lenses import EmbeddingLens, LatentLens, LogitLens
+
+    built: dict[LensName, Any] = {}
+    for name in lenses:
+        if name == "latentlens":
+            if index is None:
+                raise ValueError("the latentlens lens needs a ContextualIndex (index=...)")
+            if index.hidden_dim != model.config.llm.d_model:
+                raise ValueError(
+                    f"bank width {index.hidden_dim} differs from the LLM's "
+                    f"{model.config.llm.d_model}"
+                )
+            built[name] = LatentLens(index, top_k=top_k, layers=contextual_layers)
+        elif name == "logitlens":
+            built[name] = LogitLens(model.llm, model.tokenizer, top_k=top_k)
+        elif name == "embeddinglens":
+            built[name] = EmbeddingLens(
+                model.llm, model.tokenizer, top_k=top_k, original=embedding_original
+            )
+        else:
+            raise ValueError(f"unknown lens {name!r}; choose from {ALL_LENSES}")
+    return built
+
+
+def _patch_records(lens_name: LensName, lens: Any, flat: torch.Tensor) -> list[dict[str, Any]]:
+    """One dict of predictions per row of `flat` `[N, d]`, in the original's field names."""
+    rows = lens.predict(flat)
+    if lens_name == "latentlens":
+        return [
+            {
+                "nearest_contextual_neighbors": [
+                    {
+                        "token_str": p.token_str,
+                        "token_id": p.token_id,
+                        "caption": p.caption,
+                        "position": p.position,
+                        "similarity": p.score,
+                        "contextual_layer": p.contextual_layer,
+                    }
+                    for p in row
+                ]
+            }
+            for row in rows
+        ]
+    if lens_name == "logitlens":
+        return [
+            {
+                "top_predictions": [
+                    {"token": p.token_str, "token_id": p.token_id, "logit": p.score} for p in row
+                ]
+            }
+            for row in rows
+        ]
+    return [
+        {"nearest_neighbors": [{"token": p.token_str, "similarity": p.score} for p in row]}
+        for row in rows
+    ]
+
+
+def run_lenses(
+    model: MolmoModel,
+    images: Sequence[ImageInput],
+    output_dir: str | Path,
+    *,
+    lenses: Sequence[LensName] = ALL_LENSES,
+    layers: Sequence[int] | None = None,
+    index: ContextualIndex | None = None,
+    contextual_layers: Sequence[int] | None = None,
+    contextual_dir: str = "",
+    top_k: int = 5,
+    image_indices: Sequence[int] | None = None,
+    captions: Sequence[str] | None = None,
+    batch_size: int = 4,
+    run_name: str | None = None,
+    embedding_original: bool = False,
+    split: str = "validation",
+    skip_existing: bool = False,
+    progress: bool = True,
+) -> dict[LensName, list[Path]]:
+    """Apply lenses to the visual tokens of `images` at `layers` and write one JSON per layer.
+
+    Args:
+        model: the VLM.
+        images: paths, PIL images or uint8 arrays, processed `batch_size` at a time.
+        output_dir: root; each lens writes into `<output_dir>/<LENS_DIRS[lens]>/<run_name>/`.
+        lenses: any of "latentlens", "logitlens", "embeddinglens".
+        layers: LLM query layers (default: the paper's, e.g. 0,1,2,4,8,16,24,30,31).
+        index: contextual bank (needed for "latentlens").
+        contextual_layers: bank layers searched (default: all the index holds).
+        contextual_dir: recorded as `contextual_dir` in the LatentLens files.
+        top_k: neighbours / predictions per patch.
+        image_indices: dataset index of each image (default 0..n-1), `image_idx` in the files.
+        captions: ground-truth caption of each image (`ground_truth_caption`; default "").
+        batch_size: images per forward pass.
+        run_name: folder name (default `default_run_name(model)`).
+        embedding_original: EmbeddingLens over every embedding row, as the original did.
+        split: dataset split recorded in the files.
+        skip_existing: leave (lens, layer) files that already exist untouched.
+        progress: show a progress bar.
+
+    Returns:
+        `{lens: [written paths]}`.
+
+    Raises:
+        ValueError: bad arguments (lens name, missing index, mismatched lengths).
+    """
+    from tqdm.auto import tqdm
+
+    n = len(images)
+    if n == 0:
+        raise ValueError("no images given")
+    indices = list(image_indices) if image_indices is not None else list(range(n))
+    caps = list(captions) if captions is not None else [""] * n
+    if len(indices) != n or len(caps) != n:
+        raise ValueError(f"{n} images but {len(indices)} indices and {len(caps)} captions")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    unknown = [lens for lens in lenses if lens not in LENS_DIRS]
+    if unknown:
+        raise ValueError(f"unknown lens(es) {unknown}; choose from {ALL_LENSES}")
+    query_layers = (
+        sorted(set(layers))
+        if layers is not None
+        else default_query_layers(model.config.llm.num_layers)
+    )
+    name = run_name or default_run_name(model)
+    out_dirs = {lens: Path(output_dir) / LENS_DIRS[lens] / name for lens in lenses}
+    paths = {
+        (lens, layer): out_dirs[lens] / _filename(lens, layer, top_k)
+        for lens in lenses
+        for layer in query_layers
+    }
+    todo = [key for key, p in paths.items() if not (skip_existing and p.exists())]
+    if not todo:
+        logger.info("every requested lens file exists already; nothing to do")
+        return {lens: [] for lens in lenses}
+    todo_layers = sorted({layer for _, layer in todo})
+    built = _build_lenses(
+        model,
+        sorted({lens for lens, _ in todo}),
+        index,
+        contextual_layers,
+        top_k,
+        embedding_original,
+    )
+
+    grid = model.grid
+    d = model.config.llm.d_model
+    collected = _Collected()
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, desc=f"lenses {model.config.name}", unit="img", disable=not progress)
+    for start in range(0, n, batch_size):
+        batch = images[start : start + batch_size]
+        states = model.encode(batch, todo_layers)
+        for lens_name, layer in todo:
+            layer0 = "hidden" if lens_name == "logitlens" else "connector"
+            flat = states.layer(layer, layer0).reshape(-1, d)
+            records = _patch_records(lens_name, built[lens_name], flat)
+            per_image = grid * grid
+            for b in range(len(batch)):
+                patches = [
+                    {**meta, **rec}
+                    for meta, rec in zip(
+                        _patch_entries(grid),
+                        records[b * per_image : (b + 1) * per_image],
+                        strict=True,
+                    )
+                ]
+                i = start + b
+                record: dict[str, Any] = {
+                    "image_idx": indices[i],
+                    "ground_truth_caption": caps[i],
+                }
+                if lens_name != "logitlens":
+                    record["feature_shape"] = [1, 1, per_image, d]
+                    record["llm_layer_used"] = layer
+                record["chunks"] = [{"chunk_name": "Full Image", "patches": patches}]
+                collected.add(lens_name, layer, record)
+        bar.update(len(batch))
+    bar.close()
+    elapsed = time.perf_counter() - t0
+
+    checkpoint = str(model.checkpoint_path) if model.checkpoint_path else model.config.name
+    written: dict[LensName, list[Path]] = {lens: [] for lens in lenses}
+    for lens_name, layer in todo:
+        results = collected.images[(lens_name, layer)]
+        common = {"checkpoint": checkpoint, "split": split, "num_images": n}
+        if lens_name == "latentlens":
+            doc: dict[str, Any] = {
+                **common,
+                "contextual_dir": contextual_dir,
+                "visual_layer": layer,
+                "contextual_layers_used": list(built["latentlens"].layers),
+                "image_indices": indices,
+                "top_k": top_k,
+                "processing_time_seconds": elapsed,
+                "results": results,
+            }
+        elif lens_name == "logitlens":
+            doc = {
+                **common,
+                "num_processes": 1,
+                "top_k": top_k,
+                "layer_idx": layer,
+                "results": results,
+            }
+        else:
+            doc = _embedding_document(checkpoint, model.config.prompt, split, layer, results)
+        path = paths[(lens_name, layer)]
+        write_json(path, doc)
+        written[lens_name].append(path)
+        logger.info("wrote %s", path)
+    return written
+
+
+def _filename(lens: LensName, layer: int, top_k: int) -> str:
+    if lens == "latentlens":
+        return latentlens_filename(layer)
+    if lens == "logitlens":
+        return logitlens_filename(layer, top_k)
+    return embeddinglens_filename(layer)
+
+
+def _statistics(images: list[dict[str, Any]]) -> dict[str, Any]:
+    total = sum(len(img["chunks"][0]["patches"]) for img in images)
+    return {"total_visual_tokens": total}
+
+
+def _embedding_document(
+    checkpoint: str, prompt: str, split: str, layer: int, images: list[dict[str, Any]]
+) -> dict[str, Any]:
+    splits: dict[str, Any] = {
+        "train": {"num_images": 0, "images": [], "statistics": _statistics([])},
+        "validation": {"num_images": 0, "images": [], "statistics": _statistics([])},
+    }
+    splits[split] = {"num_images": len(images), "images": images, "statistics": _statistics(images)}
+    return {
+        "checkpoint": checkpoint,
+        "prompt": prompt,
+        "dataset": "PixMoCap",
+        "num_processes": 1,
+        "preprocessing_mode": None,
+        "llm_layer": layer,
+        "splits": splits,
+        "overall_statistics": _statistics(images),
+    }
+
+
+def run_latentlens(
+    model: MolmoModel,
+    images: Sequence[ImageInput],
+    index: ContextualIndex,
+    output_dir: str | Path,
+    **kwargs: Any,
+) -> list[Path]:
+    """LatentLens files only (see `run_lenses` for the arguments)."""
+    return run_lenses(model, images, output_dir, lenses=("latentlens",), index=index, **kwargs)[
+        "latentlens"
+    ]
+
+
+def run_logit_lens(
+    model: MolmoModel, images: Sequence[ImageInput], output_dir: str | Path, **kwargs: Any
+) -> list[Path]:
+    """LogitLens files only (see `run_lenses`)."""
+    return run_lenses(model, images, output_dir, lenses=("logitlens",), **kwargs)["logitlens"]
+
+
+def run_embedding_lens(
+    model: MolmoModel, images: Sequence[ImageInput], output_dir: str | Path, **kwargs: Any
+) -> list[Path]:
+    """EmbeddingLens files only (see `run_lenses`)."""
+    return run_lenses(model, images, output_dir, lenses=("embeddinglens",), **kwargs)[
+        "embeddinglens"
+    ]
