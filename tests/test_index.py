@@ -259,3 +259,13 @@ def test_from_pretrained_reads_legacy_hub_layout(tmp_path, monkeypatch):
         "McGill-NLP/latentlens-qwen2vl-embeddings", cache_dir=tmp_path / "hub"
     )
     assert idx.available_layers == [5] and len(idx.entries) == 20
+
+
+def test_atomic_writes_make_ordinary_files(tmp_path):
+    from latentlens.atomic import write_json
+
+    write_json(tmp_path / "x.json", {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not list(tmp_path.glob(".*.tmp"))
