@@ -354,7 +354,7 @@ class ContextualIndex:
         hits = self._search(queries, top_k, layers, precision)
         chosen = torch.tensor(self._selected(layers), dtype=torch.int64)
         layer = chosen[hits.bank.cpu()]
-        entry = self._rows_to_entries(layer, hits.row.cpu())
+        entry = rows_to_entries(self._entry_index, layer, hits.row.cpu())
         return hits.scores.to(torch.float32).cpu(), layer, entry
 
     def search_rows(
@@ -433,13 +433,18 @@ class ContextualIndex:
             precision=precision,
         )
 
-    def _rows_to_entries(self, layer: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        entry = row.clone()
-        for lay, idx in self._entry_index.items():
-            if idx is not None:
-                mask = layer == lay
-                entry[mask] = idx[row[mask]]
-        return entry
+
+
+def rows_to_entries(
+    entry_maps: Mapping[int, torch.Tensor | None], layer: torch.Tensor, row: torch.Tensor
+) -> torch.Tensor:
+    """Entry-table row of each hit ``[Q, k]`` from its bank layer and row in that layer."""
+    entry = row.clone()
+    for lay, idx in entry_maps.items():
+        if idx is not None:
+            mask = layer == lay
+            entry[mask] = idx[row[mask]]
+    return entry
 
 
 def neighbors_from_entries(

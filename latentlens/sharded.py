@@ -20,7 +20,7 @@ import torch
 from latentlens import bank as B
 from latentlens import distributed as D
 from latentlens.errors import BankFormatError, LayerNotFoundError
-from latentlens.index import Neighbor, neighbors_from_entries
+from latentlens.index import Neighbor, neighbors_from_entries, rows_to_entries
 from latentlens.search import Precision, RowNorms, prepare_queries, search_layer
 
 
@@ -83,6 +83,19 @@ class _ShardedBase:
             self.num_rows[layer] = n
             self.entry_map[layer] = entry
 
+    def _load_slices(
+        self, device: torch.device, part: int, parts: int, dtype: torch.dtype | str | None
+    ) -> dict[int, _Slice]:
+        """Read slice ``part`` of ``parts`` of every layer onto ``device`` (only those rows)."""
+        out = {}
+        for layer in self.layers:
+            start, stop = D.shard_range(self.num_rows[layer], parts, part)
+            rows, _ = B.read_layer(self.root, layer, device=device, rows=(start, stop))
+            if dtype is not None:
+                rows = rows.to(B.parse_dtype(dtype))
+            out[layer] = _Slice(rows, RowNorms.of(rows), start)
+        return out
+
     def _search_slices(
         self, q64: torch.Tensor, slices: dict[int, _Slice], k: int, precision: Precision
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,15 +121,6 @@ class _ShardedBase:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return merge_candidates(scores, layer, row, k)
 
-    def entries_of(self, layer: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        """Entry-table row of each hit ``[Q, k]``."""
-        entry = row.clone()
-        for lay, idx in self.entry_map.items():
-            if idx is not None:
-                mask = layer == lay
-                entry[mask] = idx[row[mask]]
-        return entry
-
     def search(
         self,
         queries: torch.Tensor,
@@ -128,7 +132,7 @@ class _ShardedBase:
         """Nearest contextual neighbours, as :meth:`ContextualIndex.search`."""
         scores, layer, row = self.search_rows(queries, top_k, layers, precision=precision)
         return neighbors_from_entries(
-            self.entries, scores.float(), layer, self.entries_of(layer, row)
+            self.entries, scores.float(), layer, rows_to_entries(self.entry_map, layer, row)
         )
 
     def search_rows(
@@ -168,13 +172,7 @@ class DistributedIndex(_ShardedBase):
         """Load this rank's slice of each layer (only those rows are read from disk)."""
         super().__init__(Path(path), layers)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.slices: dict[int, _Slice] = {}
-        for layer in self.layers:
-            start, stop = D.shard_range(self.num_rows[layer])
-            rows, _ = B.read_layer(self.root, layer, device=self.device, rows=(start, stop))
-            if dtype is not None:
-                rows = rows.to(B.parse_dtype(dtype))
-            self.slices[layer] = _Slice(rows, RowNorms.of(rows), start)
+        self.slices = self._load_slices(self.device, D.rank(), D.world_size(), dtype)
 
     def search_rows(
         self,
@@ -209,16 +207,9 @@ class MultiDeviceIndex(_ShardedBase):
             n = torch.cuda.device_count()
             devices = [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
         self.devices = [torch.device(d) for d in devices]
-        self.shards: list[dict[int, _Slice]] = []
-        for i, device in enumerate(self.devices):
-            part: dict[int, _Slice] = {}
-            for layer in self.layers:
-                start, stop = D.shard_range(self.num_rows[layer], len(self.devices), i)
-                rows, _ = B.read_layer(self.root, layer, device=device, rows=(start, stop))
-                if dtype is not None:
-                    rows = rows.to(B.parse_dtype(dtype))
-                part[layer] = _Slice(rows, RowNorms.of(rows), start)
-            self.shards.append(part)
+        self.shards = [
+            self._load_slices(dev, i, len(self.devices), dtype) for i, dev in enumerate(self.devices)
+        ]
 
     def search_rows(
         self,
