@@ -13,15 +13,20 @@ from latentlens.errors import (
     LayerNotFoundError,
     UnsupportedArchitectureError,
 )
+from latentlens.corpus import load_corpus
+from latentlens.extract import auto_layers, build_index
 from latentlens.index import ContextualIndex, Neighbor
 from latentlens.interpret import InterpretResult, interpret
 from latentlens.lenses import EmbeddingLens, LatentLens, Lens, LogitLens, Prediction
+from latentlens.models import get_hidden_states, load_model
+from latentlens.sharded import DistributedIndex, MultiDeviceIndex
 
 __all__ = [
     "BankFormatError",
     "ContextualIndex",
     "CorpusError",
     "DimensionMismatchError",
+    "DistributedIndex",
     "EmbeddingLens",
     "InterpretResult",
     "InvalidQueryError",
@@ -30,9 +35,15 @@ __all__ = [
     "LayerNotFoundError",
     "Lens",
     "LogitLens",
+    "MultiDeviceIndex",
     "Neighbor",
     "Prediction",
     "UnsupportedArchitectureError",
     "__version__",
+    "auto_layers",
+    "build_index",
+    "get_hidden_states",
     "interpret",
+    "load_corpus",
+    "load_model",
 ]
