@@ -170,7 +170,9 @@ def write_entries(root: Path, entries: Entries) -> None:
 
 
 def write_layer(root: Path, layer: int, emb: torch.Tensor, entry: torch.Tensor | None) -> None:
-    """Write one layer file atomically."""
+    """Write one layer file atomically (streamed rows are read in full first)."""
+    if not isinstance(emb, torch.Tensor):
+        emb = emb.read_all()
     tensors = {C.EMBEDDINGS_KEY: emb.detach().cpu().contiguous()}
     if entry is not None:
         tensors[C.ENTRY_KEY] = entry.detach().cpu().to(torch.int64).contiguous()

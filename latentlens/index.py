@@ -146,6 +146,7 @@ class ContextualIndex:
         layers: Sequence[int] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
+        mmap: bool = False,
     ) -> ContextualIndex:
         """Load a bank saved by :meth:`save`, or the original release's legacy layout.
 
@@ -154,6 +155,9 @@ class ContextualIndex:
             layers: layers to load (default all); others are not read.
             device: device for the rows (default CPU).
             dtype: convert rows once at load (default: keep the stored dtype).
+            mmap: leave the rows on disk and stream them chunk by chunk at search time
+                (CPU only, stored dtype): for banks larger than memory. See
+                :class:`latentlens.streaming.FileRows`.
 
         Raises:
             BankFormatError: missing, corrupt or unsafe files.
@@ -168,6 +172,14 @@ class ContextualIndex:
         manifest = B.read_manifest(root)
         chosen = _choose_layers(manifest["layers"], layers, root)
         entries = B.read_entries(root)
+        if mmap:
+            if device.type != "cpu" or dtype is not None:
+                raise BankFormatError("mmap=True streams rows from disk on the CPU in their stored dtype")
+            from latentlens.streaming import FileRows
+
+            streamed: dict[int, Any] = {x: FileRows(B.layer_path(root, x)) for x in chosen}
+            maps = {x: B.layer_rows(root, x)[1] for x in chosen}
+            return cls(streamed, entries, entry_index=maps, manifest=manifest)
         embs, maps = {}, {}
         for layer in chosen:
             emb, entry = B.read_layer(root, layer, device=device)
