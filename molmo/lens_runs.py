@@ -26,14 +26,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
+from torch import nn
 
 from latentlens.atomic import write_json
 from latentlens.index import ContextualIndex
 from molmo.config import default_query_layers
-from molmo.model import MolmoModel
+from molmo.model import VisualStates
 from molmo.processing import ImageInput
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,26 @@ LENS_DIRS: dict[LensName, str] = {
     "embeddinglens": "nearest_neighbors",
 }
 """Default output folder of each lens in the original scripts."""
+
+
+class LensSubject(Protocol):
+    """What the lens runs read of a model: a `MolmoModel`, or an adapter around another VLM.
+
+    `config` needs `name`, `prompt`, `llm.d_model` and `llm.num_layers`; `encode` returns
+    the visual tokens' states of a batch of images, `grid` × `grid` of them, row-major.
+    """
+
+    config: Any
+    llm: nn.Module
+    tokenizer: Any
+    checkpoint_path: Path | None
+
+    @property
+    def grid(self) -> int:  # noqa: D102
+        ...
+
+    def encode(self, images: Any, layers: Any) -> VisualStates:  # noqa: D102
+        ...
 
 
 def latentlens_filename(layer: int) -> str:
@@ -63,7 +84,7 @@ def embeddinglens_filename(layer: int) -> str:
     return f"nearest_neighbors_analysis_pixmo_cap_multi-gpu_layer{layer}.json"
 
 
-def default_run_name(model: MolmoModel) -> str:
+def default_run_name(model: LensSubject) -> str:
     """`<parent>_<name>` of the connector's directory, as the original scripts named runs.
 
     A connector from the Hub cache (or none) gives `checkpoints_<model name>`, the name
@@ -93,7 +114,7 @@ class _Collected:
 
 
 def _build_lenses(
-    model: MolmoModel,
+    model: LensSubject,
     lenses: Sequence[LensName],
     index: ContextualIndex | None,
     contextual_layers: Sequence[int] | None,
@@ -160,7 +181,7 @@ def _patch_records(lens_name: LensName, lens: Any, flat: torch.Tensor) -> list[d
 
 
 def run_lenses(
-    model: MolmoModel,
+    model: LensSubject,
     images: Sequence[ImageInput],
     output_dir: str | Path,
     *,
@@ -349,7 +370,7 @@ def _embedding_document(
 
 
 def run_latentlens(
-    model: MolmoModel,
+    model: LensSubject,
     images: Sequence[ImageInput],
     index: ContextualIndex,
     output_dir: str | Path,
@@ -362,14 +383,14 @@ def run_latentlens(
 
 
 def run_logit_lens(
-    model: MolmoModel, images: Sequence[ImageInput], output_dir: str | Path, **kwargs: Any
+    model: LensSubject, images: Sequence[ImageInput], output_dir: str | Path, **kwargs: Any
 ) -> list[Path]:
     """LogitLens files only (see `run_lenses`)."""
     return run_lenses(model, images, output_dir, lenses=("logitlens",), **kwargs)["logitlens"]
 
 
 def run_embedding_lens(
-    model: MolmoModel, images: Sequence[ImageInput], output_dir: str | Path, **kwargs: Any
+    model: LensSubject, images: Sequence[ImageInput], output_dir: str | Path, **kwargs: Any
 ) -> list[Path]:
     """EmbeddingLens files only (see `run_lenses`)."""
     return run_lenses(model, images, output_dir, lenses=("embeddinglens",), **kwargs)[

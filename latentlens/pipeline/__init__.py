@@ -1,0 +1,39 @@
+"""The paper's pipeline behind ``reproduce/*.sh``: download, banks, lenses, judge, report.
+
+A face of the project like ``cli.py``: it wires the library (extraction, lenses,
+``molmo``, ``latentlens.evaluation``) into steps that skip finished work, and nothing in
+the library imports it. ``python -m latentlens.pipeline --help`` lists the steps;
+``reproduce/run_all.sh --tiny`` runs them all offline on tiny random models.
+"""
+
+from __future__ import annotations
+
+from latentlens.pipeline.layout import PAPER_MODELS, Layout, bank_name, model_kind, run_folder
+from latentlens.pipeline.pixmo import (
+    HubListing,
+    ImageRecord,
+    ImageRow,
+    ImageSourceError,
+    molmo_split,
+    molmo_validation_order,
+    prepare_images,
+    read_listing,
+    read_manifest,
+)
+
+__all__ = [
+    "PAPER_MODELS",
+    "HubListing",
+    "ImageRecord",
+    "ImageRow",
+    "ImageSourceError",
+    "Layout",
+    "bank_name",
+    "model_kind",
+    "molmo_split",
+    "molmo_validation_order",
+    "prepare_images",
+    "read_listing",
+    "read_manifest",
+    "run_folder",
+]
