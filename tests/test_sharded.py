@@ -194,7 +194,8 @@ def test_distributed_build_equals_single_process_and_survives_a_dead_rank(tmp_pa
     from tests.tiny import tiny_causal_lm, tiny_tokenizer
 
     out = str(tmp_path / "bank")
-    with pytest.raises(mp.ProcessExitedException):  # rank 1 dies: the run fails, shards written so far stay
+    # rank 1 dies (or rank 0 fails first on the broken connection); written shards stay
+    with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
         mp.spawn(_build_worker, args=(2, free_port(), out, 1), nprocs=2, join=True)
     before = sorted(p.name for p in (tmp_path / "bank" / ".build").glob("shard_*"))
     assert len(before) >= 2
