@@ -16,7 +16,9 @@ embedding) for LogitLens, as in the original runs.
 Deviations, by design: the EmbeddingLens skips padding / special / never-trained rows
 unless `embedding_original=True` (SPEC §4); the original's caption-word matching
 statistics (`match_type`, `caption_match`, ...) are not computed, only
-`total_visual_tokens`; one process writes everything (`num_processes` is 1).
+`total_visual_tokens`. Under torch.distributed (`torchrun`) whole batches of images go to
+the ranks round-robin and rank 0 writes the merged files, equal to a single process's
+(`num_processes` records the world size).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from latentlens import distributed as D
 from latentlens.atomic import write_json
 from latentlens.index import ContextualIndex
 from molmo.config import default_query_layers
@@ -105,12 +108,26 @@ def _patch_entries(grid: int) -> list[dict[str, int]]:
 
 @dataclass
 class _Collected:
-    """Per-(lens, layer) image records, in image order."""
+    """Per-(lens, layer) image records keyed by the image's position in the run."""
 
-    images: dict[tuple[LensName, int], list[dict[str, Any]]] = field(default_factory=dict)
+    images: dict[tuple[LensName, int], dict[int, dict[str, Any]]] = field(default_factory=dict)
 
-    def add(self, lens: LensName, layer: int, record: dict[str, Any]) -> None:
-        self.images.setdefault((lens, layer), []).append(record)
+    def add(self, lens: LensName, layer: int, position: int, record: dict[str, Any]) -> None:
+        self.images.setdefault((lens, layer), {})[position] = record
+
+    def ordered(self, lens: LensName, layer: int) -> list[dict[str, Any]]:
+        """The records of one (lens, layer) in image order."""
+        recs = self.images.get((lens, layer), {})
+        return [recs[i] for i in sorted(recs)]
+
+    @classmethod
+    def merge(cls, parts: Sequence[_Collected]) -> _Collected:
+        """Union of several ranks' records."""
+        out = cls()
+        for part in parts:
+            for key, recs in part.images.items():
+                out.images.setdefault(key, {}).update(recs)
+        return out
 
 
 def _build_lenses(
@@ -271,8 +288,17 @@ def run_lenses(
     d = model.config.llm.d_model
     collected = _Collected()
     t0 = time.perf_counter()
-    bar = tqdm(total=n, desc=f"lenses {model.config.name}", unit="img", disable=not progress)
-    for start in range(0, n, batch_size):
+    # Data-parallel under torch.distributed: whole batches go round-robin to the ranks, so
+    # every image is computed in the same batch as in one process (bitwise-equal results).
+    world, me = D.world_size(), D.rank()
+    starts = list(range(0, n, batch_size))[me::world]
+    bar = tqdm(
+        total=sum(len(images[s : s + batch_size]) for s in starts),
+        desc=f"lenses {model.config.name}",
+        unit="img",
+        disable=not progress or me != 0,
+    )
+    for start in starts:
         batch = images[start : start + batch_size]
         states = model.encode(batch, todo_layers)
         for lens_name, layer in todo:
@@ -298,15 +324,21 @@ def run_lenses(
                     record["feature_shape"] = [1, 1, per_image, d]
                     record["llm_layer_used"] = layer
                 record["chunks"] = [{"chunk_name": "Full Image", "patches": patches}]
-                collected.add(lens_name, layer, record)
+                collected.add(lens_name, layer, i, record)
         bar.update(len(batch))
     bar.close()
     elapsed = time.perf_counter() - t0
+    if world > 1:
+        parts = D.gather_objects(collected)
+        if me != 0:
+            D.barrier()  # rank 0 writes the merged files
+            return {lens: [paths[(lens, layer)] for layer in query_layers] for lens in lenses}
+        collected = _Collected.merge(parts)
 
     checkpoint = str(model.checkpoint_path) if model.checkpoint_path else model.config.name
     written: dict[LensName, list[Path]] = {lens: [] for lens in lenses}
     for lens_name, layer in todo:
-        results = collected.images[(lens_name, layer)]
+        results = collected.ordered(lens_name, layer)
         common = {"checkpoint": checkpoint, "split": split, "num_images": n}
         if lens_name == "latentlens":
             doc: dict[str, Any] = {
@@ -322,17 +354,19 @@ def run_lenses(
         elif lens_name == "logitlens":
             doc = {
                 **common,
-                "num_processes": 1,
+                "num_processes": world,
                 "top_k": top_k,
                 "layer_idx": layer,
                 "results": results,
             }
         else:
-            doc = _embedding_document(checkpoint, model.config.prompt, split, layer, results)
+            doc = _embedding_document(checkpoint, model.config.prompt, split, layer, results, world)
         path = paths[(lens_name, layer)]
         write_json(path, doc)
         written[lens_name].append(path)
         logger.info("wrote %s", path)
+    if world > 1:
+        D.barrier()
     return written
 
 
@@ -350,7 +384,12 @@ def _statistics(images: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _embedding_document(
-    checkpoint: str, prompt: str, split: str, layer: int, images: list[dict[str, Any]]
+    checkpoint: str,
+    prompt: str,
+    split: str,
+    layer: int,
+    images: list[dict[str, Any]],
+    world: int = 1,
 ) -> dict[str, Any]:
     splits: dict[str, Any] = {
         "train": {"num_images": 0, "images": [], "statistics": _statistics([])},
@@ -361,7 +400,7 @@ def _embedding_document(
         "checkpoint": checkpoint,
         "prompt": prompt,
         "dataset": "PixMoCap",
-        "num_processes": 1,
+        "num_processes": world,
         "preprocessing_mode": None,
         "llm_layer": layer,
         "splits": splits,

@@ -299,3 +299,57 @@ def test_bad_arguments():
         run_lenses(model, images()[:1], "unused", lenses=("tunedlens",), progress=False)
     with pytest.raises(ValueError, match="captions"):
         run_lenses(model, images(), "unused", captions=["x"], progress=False)
+
+
+def _dp_worker(r: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world)
+    try:
+        imgs = images() * 2  # 6 images, batches of 2 -> 3 batches over the ranks
+        run_lenses(
+            build("olmo-vit"),
+            imgs,
+            out,
+            layers=LAYERS,
+            index=tiny_index(),
+            top_k=TOP_K,
+            image_indices=list(range(10, 16)),
+            batch_size=2,
+            progress=False,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _strip(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k not in ("processing_time_seconds", "num_processes")}
+
+
+def test_data_parallel_run_equals_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dp_worker, args=(2, port, str(tmp_path / "dp")), nprocs=2, join=True)
+    run_lenses(
+        build("olmo-vit"),
+        images() * 2,
+        tmp_path / "one",
+        layers=LAYERS,
+        index=tiny_index(),
+        top_k=TOP_K,
+        image_indices=list(range(10, 16)),
+        batch_size=2,
+        progress=False,
+    )
+    one = sorted((tmp_path / "one").rglob("*.json"))
+    assert len(one) == 3 * len(LAYERS)
+    for path in one:
+        twin = tmp_path / "dp" / path.relative_to(tmp_path / "one")
+        a, b = _load(path), _load(twin)
+        assert _strip(a) == _strip(b), path.name
+        assert b.get("num_processes", 2) == 2
