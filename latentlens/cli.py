@@ -151,12 +151,17 @@ def build(model: str, corpus: str, out_dir: str, layers: str | None, cap: int | 
 
     MODEL is a Hub id or local path ("smollm2" = the bundled SmolLM2-135M). CORPUS is a
     .txt (one sentence per line), .csv (first column) or .jsonl file. An interrupted build
-    resumes when run again with the same arguments.
+    resumes when run again with the same arguments. Under torchrun
+    (`torchrun --nproc_per_node N -m latentlens.cli build ...`) the corpus is split across
+    the ranks, each writes its own shards, and rank 0 writes the bank.
     """
     import torch
 
+    from latentlens import distributed as D
     from latentlens.bank import parse_dtype
     from latentlens.extract import build_index
+
+    D.init_from_env()  # under torchrun the corpus is split across the ranks
 
     kwargs: dict = {}
     if paper:

@@ -290,23 +290,30 @@ def lenses(
     from latentlens.pipeline.lenses import PIXMO_SOURCE, images_for_run, run_model
     from latentlens.pipeline.pixmo import ImageSourceError
 
+    from latentlens import distributed as D
+
+    D.init_from_env()  # under torchrun the images are split across the ranks
     layout, names = _setup(out, tiny, models)
     if tiny:
         from latentlens.pipeline.tiny import read_tiny
 
         source = source or read_tiny(layout)["images"]
     n = num_images or (6 if tiny else 100)
-    try:
-        records = images_for_run(
-            layout,
-            source or PIXMO_SOURCE,
-            n,
-            cache_dir=image_cache,
-            split=molmo_split,
-            retry_failed=retry_failed,
-        )
-    except ImageSourceError as e:
-        _fail(str(e))
+    records = []
+    for turn in (0, 1):  # rank 0 fetches the images first; the others then read its cache
+        if (D.rank() == 0) == (turn == 0):
+            try:
+                records = images_for_run(
+                    layout,
+                    source or PIXMO_SOURCE,
+                    n,
+                    cache_dir=image_cache,
+                    split=molmo_split,
+                    retry_failed=retry_failed,
+                )
+            except ImageSourceError as e:
+                _fail(str(e))
+        D.barrier()
     if not records:
         _fail("no image could be loaded")
     click.echo(f"step 3: {len(records)} image(s) in {layout.images}")
