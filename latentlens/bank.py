@@ -180,6 +180,133 @@ def write_layer(root: Path, layer: int, emb: torch.Tensor, entry: torch.Tensor |
         save_file(tensors, str(tmp), metadata={"layer": str(layer)})
 
 
+_ST_DTYPES = {
+    torch.float64: ("F64", torch.int64),
+    torch.float32: ("F32", torch.int32),
+    torch.float16: ("F16", torch.int16),
+    torch.bfloat16: ("BF16", torch.int16),
+    torch.float8_e4m3fn: ("F8_E4M3", torch.int8),
+}
+
+
+class LayerWriter:
+    """Write one layer file row by row in any order, without holding the layer in memory.
+
+    The safetensors file (``embeddings`` ``[n, d]``) is laid out on disk first and rows are
+    placed through a memory map; on success it is renamed into place (atomic). Every row
+    must be written exactly once.
+    """
+
+    def __init__(self, root: Path, layer: int, n: int, d: int, dtype: torch.dtype) -> None:
+        """Prepare ``layer``'s file for ``n`` rows of width ``d`` stored as ``dtype``."""
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"cannot stream-write dtype {dtype}")
+        self.path, self.layer, self.n, self.d, self.dtype = (
+            layer_path(root, layer),
+            layer,
+            n,
+            d,
+            dtype,
+        )
+        self._seen = torch.zeros(n, dtype=torch.bool)
+
+    def __enter__(self) -> LayerWriter:
+        import json as _json
+
+        import numpy as np
+
+        self._ctx = atomic_path(self.path)
+        tmp = self._ctx.__enter__()
+        name, self._int = _ST_DTYPES[self.dtype]
+        nbytes = self.n * self.d * torch.empty(0, dtype=self.dtype).element_size()
+        header = _json.dumps(
+            {
+                C.EMBEDDINGS_KEY: {
+                    "dtype": name,
+                    "shape": [self.n, self.d],
+                    "data_offsets": [0, nbytes],
+                },
+                "__metadata__": {"layer": str(self.layer)},
+            },
+            separators=(",", ":"),
+        ).encode()
+        header += b" " * (-len(header) % 8)
+        with open(tmp, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            f.truncate(8 + len(header) + nbytes)
+        np_dtype = {
+            torch.int64: np.int64,
+            torch.int32: np.int32,
+            torch.int16: np.int16,
+            torch.int8: np.int8,
+        }
+        self._mm = (
+            np.memmap(
+                tmp,
+                mode="r+",
+                dtype=np_dtype[self._int],
+                offset=8 + len(header),
+                shape=(self.n, self.d),
+            )
+            if self.n
+            else None
+        )
+        return self
+
+    def put(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Place ``rows`` ``[m, d]`` (already in the storage dtype) at row indices ``slots``."""
+        if rows.dtype != self.dtype or rows.shape != (slots.numel(), self.d):
+            raise ValueError(
+                f"expected [{slots.numel()}, {self.d}] {self.dtype}, got {tuple(rows.shape)} {rows.dtype}"
+            )
+        if bool(self._seen[slots].any()) or slots.unique().numel() != slots.numel():
+            raise ValueError(f"layer {self.layer}: a row was written twice")
+        self._seen[slots] = True
+        if self._mm is not None:
+            self._mm[slots.numpy()] = rows.contiguous().view(self._int).numpy()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._mm is not None:
+            self._mm.flush()
+            del self._mm
+        if exc_type is None and not bool(self._seen.all()):
+            missing = int((~self._seen).sum())
+            exc = BankFormatError(
+                f"layer {self.layer}: {missing} of {self.n} rows were never written"
+            )
+            self._ctx.__exit__(type(exc), exc, None)
+            raise exc
+        self._ctx.__exit__(exc_type, exc, tb)
+
+
+def make_manifest(
+    *,
+    hidden_dim: int,
+    layers: Sequence[int],
+    dtype: torch.dtype,
+    num_entries: int,
+    rows_per_layer: Mapping[int, int],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` content of a bank (known keys of ``extra`` are kept)."""
+    from latentlens import __version__
+
+    manifest = {k: v for k, v in (extra or {}).items() if k in _MANIFEST_KEYS}
+    manifest.update(
+        format=C.FORMAT_NAME,
+        format_version=C.FORMAT_VERSION,
+        latentlens_version=__version__,
+        hidden_dim=int(hidden_dim),
+        layers=sorted(int(x) for x in layers),
+        dtype=dtype_name(dtype),
+        num_entries=int(num_entries),
+        rows_per_layer={str(k): int(v) for k, v in sorted(rows_per_layer.items())},
+    )
+    manifest.setdefault("model_name", "")
+    return manifest
+
+
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
     """Write config.json last: its presence marks a complete bank."""
     write_json(root / C.CONFIG_FILE, dict(manifest))

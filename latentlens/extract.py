@@ -9,6 +9,7 @@ so an interrupted-and-resumed build equals an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -98,6 +99,7 @@ def build_index(
     storage_dtype: str | torch.dtype | None = None,
     max_length: int = 512,
     shard_sentences: int = 1000,
+    mmap: bool = False,
 ) -> ContextualIndex:
     """Build a bank of contextual token embeddings from a causal LM and a corpus.
 
@@ -128,6 +130,9 @@ def build_index(
         storage_dtype: float16 (default), bfloat16, float32 or float8_e4m3fn (clipped ±448).
         max_length: sentences are truncated to this many tokens.
         shard_sentences: sentences per resumable shard.
+        mmap: with ``output_dir``, return the bank streamed from disk (see
+            :meth:`ContextualIndex.from_directory`) instead of loading it into memory.
+            The bank is assembled on disk one shard at a time either way.
 
     Returns:
         The :class:`ContextualIndex` (rows on CPU).
@@ -189,10 +194,10 @@ def build_index(
     builder = _Builder(model, cfg, ids, plan, batch_size, shard_sentences, show_progress)
     root = Path(output_dir) if output_dir is not None else None
     vectors = builder.run(root, resume)
-    if vectors is None:  # a non-zero rank of a distributed build: rank 0 writes the bank
+    if vectors is None and D.rank() != 0:  # a distributed build: rank 0 writes the bank
         D.barrier()
         assert root is not None
-        return ContextualIndex.from_directory(root)
+        return ContextualIndex.from_directory(root, mmap=mmap)
     entries = B.Entries(
         token_id=torch.tensor(plan.token_id, dtype=torch.int64),
         caption_id=torch.tensor(plan.sentence, dtype=torch.int64),
@@ -201,21 +206,25 @@ def build_index(
         token_strs={t: decode(t) for t in set(plan.token_id)},
     )
     entries = _compact_captions(entries)
-    index = ContextualIndex(
-        vectors,
-        entries,
-        manifest={
-            "model_name": cfg.model_name,
-            "normalized": cfg.normalize,
-            "build": cfg.to_dict(),
-        },
+    manifest = {"model_name": cfg.model_name, "normalized": cfg.normalize, "build": cfg.to_dict()}
+    if vectors is not None:
+        return ContextualIndex(vectors, entries, manifest=manifest)
+    assert root is not None  # streamed to disk: write the entry table and manifest last
+    B.write_entries(root, entries)
+    B.write_manifest(
+        root,
+        B.make_manifest(
+            hidden_dim=builder.hidden_dim,
+            layers=cfg.layers,
+            dtype=B.parse_dtype(cfg.storage_dtype),
+            num_entries=len(entries),
+            rows_per_layer=dict.fromkeys(cfg.layers, len(entries)),
+            extra=manifest,
+        ),
     )
-    if root is not None:
-        index.save(root)
-        shutil.rmtree(root / _BUILD_DIR, ignore_errors=True)
-    if D.is_distributed():
-        D.barrier()
-    return index
+    shutil.rmtree(root / _BUILD_DIR, ignore_errors=True)
+    D.barrier()
+    return ContextualIndex.from_directory(root, mmap=mmap)
 
 
 def tokenize(tokenizer: Any, sentences: Sequence[str], max_length: int) -> list[list[int]]:
@@ -328,27 +337,42 @@ class _Builder:
             tokens_run += sum(len(self.ids[s]) for s in self.shards[i])
             if build is not None:
                 self._write_shard(build / f"shard_{i:05d}.safetensors", part)
-            if world == 1:
+            else:
                 computed[i] = part
             bar.set_postfix(tok_s=f"{tokens_run / max(time.perf_counter() - start, 1e-9):,.0f}")
         bar.close()
         D.barrier()
         if me != 0:
             return None
+        if root is not None:
+            self._assemble_on_disk(root)
+            return None
         out: dict[int, torch.Tensor] = {}
-        for i in range(len(self.shards)):
-            slots, vecs = (
-                computed.pop(i)
-                if i in computed
-                else self._read_shard(
-                    build / f"shard_{i:05d}.safetensors"  # type: ignore[operator]
-                )
-            )
+        for slots, vecs in computed.values():
             for layer, v in vecs.items():
                 if layer not in out:
                     out[layer] = torch.empty(len(self.plan), v.shape[1], dtype=self.storage)
                 out[layer][slots] = v
         return out
+
+    def _assemble_on_disk(self, root: Path) -> None:
+        """Write the final layer files from the shards, one shard in memory at a time."""
+        build = root / _BUILD_DIR
+        first = self._read_shard(build / "shard_00000.safetensors")
+        writers = {
+            layer: B.LayerWriter(root, layer, len(self.plan), v.shape[1], self.storage)
+            for layer, v in first[1].items()
+        }
+        with contextlib.ExitStack() as stack:
+            for w in writers.values():
+                stack.enter_context(w)
+            for i in range(len(self.shards)):
+                slots, vecs = (
+                    first if i == 0 else self._read_shard(build / f"shard_{i:05d}.safetensors")
+                )
+                for layer, v in vecs.items():
+                    writers[layer].put(slots, v)
+        self.hidden_dim = next(iter(first[1].values())).shape[1]
 
     def _existing(self, build: Path) -> set[int]:
         return {

@@ -174,7 +174,9 @@ class ContextualIndex:
         entries = B.read_entries(root)
         if mmap:
             if device.type != "cpu" or dtype is not None:
-                raise BankFormatError("mmap=True streams rows from disk on the CPU in their stored dtype")
+                raise BankFormatError(
+                    "mmap=True streams rows from disk on the CPU in their stored dtype"
+                )
             from latentlens.streaming import FileRows
 
             streamed: dict[int, Any] = {x: FileRows(B.layer_path(root, x)) for x in chosen}
@@ -253,28 +255,22 @@ class ContextualIndex:
         Returns:
             The directory written.
         """
-        from latentlens import __version__
-
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         B.write_entries(root, self.entries)
-        stored = None
+        stored = self.dtype
         for layer, emb in self._layers.items():
             out = B.to_storage(emb, B.parse_dtype(dtype)) if dtype is not None else emb
             stored = out.dtype
             B.write_layer(root, layer, out, self._entry_index[layer])
-        manifest = {k: v for k, v in self.manifest.items() if k in B._MANIFEST_KEYS}
-        manifest.update(
-            format=C.FORMAT_NAME,
-            format_version=C.FORMAT_VERSION,
-            latentlens_version=__version__,
+        manifest = B.make_manifest(
             hidden_dim=self.hidden_dim,
             layers=self.available_layers,
-            dtype=B.dtype_name(stored) if stored is not None else "",
+            dtype=stored,
             num_entries=len(self.entries),
-            rows_per_layer={str(k): int(v.shape[0]) for k, v in self._layers.items()},
+            rows_per_layer={k: int(v.shape[0]) for k, v in self._layers.items()},
+            extra=self.manifest,
         )
-        manifest.setdefault("model_name", "")
         B.write_manifest(root, manifest)
         return root
 
@@ -444,7 +440,6 @@ class ContextualIndex:
             top_k,
             precision=precision,
         )
-
 
 
 def rows_to_entries(

@@ -269,3 +269,31 @@ def test_atomic_writes_make_ordinary_files(tmp_path):
     os.umask(umask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float32]
+)
+def test_layer_writer_places_rows_in_any_order(tmp_path, dtype):
+    from latentlens.bank import LayerWriter, read_layer
+
+    x = (torch.randn(50, 8) * 4).to(dtype)
+    perm = torch.randperm(50)
+    with LayerWriter(tmp_path, 3, 50, 8, dtype) as w:
+        w.put(perm[:20], x[perm[:20]])
+        w.put(perm[20:], x[perm[20:]])
+    got, entry = read_layer(tmp_path, 3)
+    assert (
+        entry is None
+        and got.dtype == dtype
+        and torch.equal(got.view(torch.uint8), x.view(torch.uint8))
+    )
+    with (
+        pytest.raises(BankFormatError, match="never written"),
+        LayerWriter(tmp_path, 4, 5, 8, dtype) as w,
+    ):
+        w.put(torch.tensor([0, 1]), x[:2])
+    assert not (tmp_path / "layer_04.safetensors").exists()
+    with pytest.raises(ValueError, match="twice"), LayerWriter(tmp_path, 5, 5, 8, dtype) as w:
+        w.put(torch.tensor([0, 1]), x[:2])
+        w.put(torch.tensor([1]), x[:1])
