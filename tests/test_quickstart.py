@@ -281,3 +281,24 @@ def test_html_explorer_renders_in_a_real_browser(tiny_bank_and_model, tmp_path):
     )
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.std() > 10
+
+
+def test_explain_image_on_a_llava_style_model():
+    model, proc = llava()
+    index = build_index(
+        "tiny-llava",
+        SENTENCES,
+        layers=[1, 2],
+        model=model,
+        tokenizer=proc.tokenizer,
+        show_progress=False,
+    )
+    ex = explain_image(model, proc, random_image(), index, [2], top_k=2, size=16, num_patches=3)
+    assert ex.grid == (4, 4) and len(ex.neighbors[2]) == 16
+    inputs = encode_image_prompt(
+        proc, square_crop_resize(random_image(), 16), "Describe this image in detail."
+    )
+    vt = locate_visual_tokens(model, inputs["input_ids"])
+    with torch.inference_mode():
+        h = get_hidden_states(model, [2], **inputs)[2][0, vt.position(3, 0)]
+    assert ex.neighbors[2][12] == index.search(h, top_k=2)[0]
