@@ -131,10 +131,12 @@ class FileRows:
     def __len__(self) -> int:
         return self._rows
 
-    def __getitem__(self, item: slice) -> torch.Tensor:
-        """Rows ``item`` (a slice with step 1) as a new CPU tensor."""
+    def __getitem__(self, item: slice | torch.Tensor) -> torch.Tensor:
+        """Rows ``item`` — a slice with step 1, or an index tensor — as a new CPU tensor."""
+        if isinstance(item, torch.Tensor):
+            return self.index_select(0, item.reshape(-1)).view(*item.shape, self.dim)
         if not isinstance(item, slice) or item.step not in (None, 1):
-            raise TypeError("FileRows supports contiguous row slices; use index_select for others")
+            raise TypeError("FileRows supports contiguous row slices and index tensors")
         start, stop, _ = item.indices(self._rows)
         return self._read(start, stop)
 

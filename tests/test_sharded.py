@@ -159,6 +159,7 @@ def _build_worker(r: int, world: int, port: int, out: str, crash_rank: int) -> N
     from tests.test_extract import CORPUS
     from tests.tiny import tiny_causal_lm, tiny_tokenizer
 
+    torch.set_num_threads(1)  # same threads as the reference build: bitwise-equal floats
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world)
     real = _Builder._write_shard
     written = {"n": 0}
@@ -200,16 +201,21 @@ def test_distributed_build_equals_single_process_and_survives_a_dead_rank(tmp_pa
     before = sorted(p.name for p in (tmp_path / "bank" / ".build").glob("shard_*"))
     assert len(before) >= 2
     mp.spawn(_build_worker, args=(2, free_port(), out, -1), nprocs=2, join=True)
-    ref = build_index(
-        None,
-        CORPUS,
-        layers=[1, 2],
-        model=tiny_causal_lm("llama"),
-        tokenizer=tiny_tokenizer(),
-        show_progress=False,
-        shard_sentences=1,
-        batch_size=2,
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = build_index(
+            None,
+            CORPUS,
+            layers=[1, 2],
+            model=tiny_causal_lm("llama"),
+            tokenizer=tiny_tokenizer(),
+            show_progress=False,
+            shard_sentences=1,
+            batch_size=2,
+        )
+    finally:
+        torch.set_num_threads(threads)
     got = ContextualIndex.from_directory(out)
     for layer in (1, 2):
         assert torch.equal(got.embeddings(layer), ref.embeddings(layer))

@@ -108,3 +108,10 @@ def test_streamed_search_memory_stays_bounded(tmp_path):
     assert extra < 0.3 * bank, (
         f"extra resident memory {extra / 2**20:.1f} MiB for a {bank / 2**20:.0f} MiB bank"
     )
+
+
+def test_file_rows_tensor_indexing(tmp_path):
+    index = save_bank(tmp_path / "b", 60, 8, "float16")
+    rows = FileRows(tmp_path / "b" / "layer_05.safetensors")
+    idx = torch.tensor([[3, 59], [0, 3]])
+    assert torch.equal(rows[idx], index.embeddings(5)[idx])
