@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import latentlens.search as search_mod
+import latentlens.search.precision as precision_mod
+import latentlens.search.scan as scan_mod
 from latentlens.errors import DimensionMismatchError, InvalidQueryError
 from latentlens.search import (
     DEFAULT_CHUNK_BYTES,
@@ -325,8 +327,8 @@ def canonical_reference(q, banks, k):
         n = bank.shape[0]
         qi = torch.arange(q64.shape[0]).repeat_interleave(n)
         rows = torch.arange(n).repeat(q64.shape[0])
-        s = search_mod._pair_scores(q64, bank, RowNorms.of(bank).norm, qi, rows).view(-1, n)
-        s, r = search_mod._sort_hits(s, torch.arange(n).expand(q64.shape[0], -1).contiguous())
+        s = scan_mod._pair_scores(q64, bank, RowNorms.of(bank).norm, qi, rows).view(-1, n)
+        s, r = scan_mod._sort_hits(s, torch.arange(n).expand(q64.shape[0], -1).contiguous())
         all_s.append(s[:, :k])
         all_r.append(r[:, :k])
         all_b.append(torch.full_like(r[:, :k], b))
@@ -369,7 +371,7 @@ def test_band_of_near_ties_as_wide_as_the_bound(dtype):
 def test_run_time_path_selection_probes_the_bf16_kernel():
     cpu = torch.device("cpu")
     fast = compute_dtype(cpu, torch.float16, "fast")
-    if search_mod.cpu_has_fast_bf16() and search_mod._bf16_matmul_accumulates_fp32("cpu"):
+    if search_mod.cpu_has_fast_bf16() and precision_mod._bf16_matmul_accumulates_fp32("cpu"):
         assert fast == torch.bfloat16
     else:
         assert fast == torch.float32

@@ -1,0 +1,97 @@
+"""Search inputs and outputs: validated unit queries, per-row norms, hit tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from latentlens.errors import DimensionMismatchError, InvalidQueryError
+
+
+@dataclass(frozen=True)
+class SearchHits:
+    """Top-k results of a multi-layer search.
+
+    Attributes:
+        scores: ``[Q, k]`` float64 cosine similarities, best first.
+        bank: ``[Q, k]`` int64 position of the hit's bank in the list searched.
+        row: ``[Q, k]`` int64 row of the hit inside its bank.
+    """
+
+    scores: torch.Tensor
+    bank: torch.Tensor
+    row: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RowNorms:
+    """Per-row L2 norms of one bank, computed once at load.
+
+    Attributes:
+        norm: ``[N]`` float64 norms on the bank's device (zero rows hold 1).
+        inv: ``[N]`` float32 inverse norms on the bank's device (zero rows hold 0).
+        max_deviation: ``max |norm − 1|`` over rows, used to skip rescaling for unit banks.
+    """
+
+    norm: torch.Tensor
+    inv: torch.Tensor
+    max_deviation: float
+
+    @classmethod
+    def of(cls, bank: torch.Tensor, chunk_rows: int = 65536) -> RowNorms:
+        """Compute the norms of ``bank`` ``[N, d]`` in float64, one chunk at a time."""
+        parts = [
+            bank[i : i + chunk_rows].to(torch.float64).pow(2).sum(1).sqrt()
+            for i in range(0, bank.shape[0], chunk_rows)
+        ]
+        norm = torch.cat(parts) if parts else bank.new_zeros(0, dtype=torch.float64)
+        zero = norm == 0
+        inv = torch.where(zero, torch.zeros_like(norm), 1.0 / norm.clamp_min(1e-300))
+        norm = torch.where(zero, torch.ones_like(norm), norm)
+        dev = float((norm - 1).abs().max()) if norm.numel() else 0.0
+        return cls(norm=norm, inv=inv.to(torch.float32), max_deviation=dev)
+
+
+# ── run-time path selection ───────────────────────────────────────────────────────────
+
+
+def prepare_queries(queries: torch.Tensor, d: int) -> torch.Tensor:
+    """Validate and L2-normalise queries in float64.
+
+    Args:
+        queries: ``[d]`` or ``[Q, d]``, any float dtype and device.
+        d: the bank's hidden size.
+
+    Returns:
+        ``[Q, d]`` float64 unit vectors on the queries' device.
+
+    Raises:
+        DimensionMismatchError: the last dimension is not ``d``.
+        InvalidQueryError: no queries, a NaN/inf entry, or a zero vector.
+    """
+    if not isinstance(queries, torch.Tensor):
+        queries = torch.as_tensor(queries)
+    if queries.ndim == 1:
+        queries = queries.unsqueeze(0)
+    if queries.ndim != 2:
+        raise InvalidQueryError(f"queries must be [d] or [Q, d], got shape {tuple(queries.shape)}")
+    if queries.shape[1] != d:
+        raise DimensionMismatchError(
+            f"query width {queries.shape[1]} does not match the bank's hidden size {d}"
+        )
+    if queries.shape[0] == 0:
+        raise InvalidQueryError("no queries given (shape [0, d])")
+    if not queries.is_floating_point():
+        queries = queries.to(torch.float32)
+    q = queries.to(torch.float64, copy=True)  # normalised in place below
+    bad = ~torch.isfinite(q).all(dim=1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        count = int(bad.sum())
+        raise InvalidQueryError(f"query {first} contains NaN or inf ({count} such queries)")
+    norms = q.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        first = int((norms[:, 0] == 0).nonzero()[0])
+        raise InvalidQueryError(f"query {first} is a zero vector: cosine similarity is undefined")
+    return q.div_(norms)
