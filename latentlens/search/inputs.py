@@ -39,8 +39,12 @@ class RowNorms:
     max_deviation: float
 
     @classmethod
-    def of(cls, bank: torch.Tensor, chunk_rows: int = 65536) -> RowNorms:
-        """Compute the norms of ``bank`` ``[N, d]`` in float64, one chunk at a time."""
+    def of(cls, bank: torch.Tensor, chunk_rows: int | None = None) -> RowNorms:
+        """Compute the norms of ``bank`` ``[N, d]`` in float64, one chunk at a time.
+
+        Chunks default to 4 MiB of float64 so loading a bank adds little peak memory.
+        """
+        chunk_rows = chunk_rows or max(1, 4 * 2**20 // (8 * max(1, bank.shape[1])))
         parts = [
             bank[i : i + chunk_rows].to(torch.float64).pow(2).sum(1).sqrt()
             for i in range(0, bank.shape[0], chunk_rows)
