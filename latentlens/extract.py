@@ -158,6 +158,7 @@ def build_index(
     else:
         run_device = torch.device(device) if device is not None else _model_device(model)
         model = model.to(run_device).eval()
+    assert model is not None
     n_layers = num_layers(model)
     chosen = sorted(set(layers)) if layers is not None else auto_layers(n_layers)
     bad = [x for x in chosen if not 0 <= x <= n_layers]

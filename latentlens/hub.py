@@ -29,11 +29,11 @@ def download_bank(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    cache = str(cache_dir) if cache_dir is not None else None
+
     def fetch(name: str) -> Path:
         return Path(
-            hf_hub_download(
-                repo_id, name, revision=revision, cache_dir=cache_dir, repo_type="model"
-            )
+            hf_hub_download(repo_id, name, revision=revision, cache_dir=cache, repo_type="model")
         )
 
     missing_errors = (EntryNotFoundError, LocalEntryNotFoundError)

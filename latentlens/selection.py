@@ -88,6 +88,7 @@ def plan_entries(
             string = strings.get(t)
             if string is None:
                 string = strings[t] = token_str(t)
+            key: tuple[int, ...] = ()
             if dedup:
                 key = tuple(ids[: p + 1])
                 if key in seen:
