@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from latentlens import constants as C
 from latentlens.atomic import atomic_path, read_json, write_json
-from latentlens.errors import BankFormatError
+from latentlens.errors import BankFormatError, LayerNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,26 @@ class Entries:
             "caption": self.captions[int(self.caption_id[i])],
             "position": int(self.position[i]),
         }
+
+
+def select_layers(available: Sequence[int], wanted: Sequence[int] | None, where: str) -> list[int]:
+    """The requested layers (default: all), sorted and distinct.
+
+    Raises:
+        BankFormatError: ``where`` holds no layers.
+        LayerNotFoundError: a requested layer is missing (the message lists the available).
+    """
+    if not available:
+        raise BankFormatError(f"{where} holds no layers")
+    if wanted is None:
+        return sorted(available)
+    chosen = sorted({int(x) for x in wanted})
+    missing = [x for x in chosen if x not in available]
+    if missing:
+        raise LayerNotFoundError(
+            f"layer(s) {missing} not in {where}; available: {sorted(available)}"
+        )
+    return chosen
 
 
 def layer_path(root: Path, layer: int) -> Path:

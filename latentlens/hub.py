@@ -8,7 +8,8 @@ from pathlib import Path
 
 from latentlens import constants as C
 from latentlens.atomic import read_json
-from latentlens.errors import BankFormatError, LayerNotFoundError
+from latentlens.bank import select_layers
+from latentlens.errors import BankFormatError
 
 
 def download_bank(
@@ -44,7 +45,7 @@ def download_bank(
     if config_path is not None:
         manifest = read_json(config_path)
         available = [int(x) for x in manifest.get("layers", [])]
-        chosen = _check(available, layers, repo_id)
+        chosen = select_layers(available, layers, repo_id)
         for name in (C.ENTRIES_FILE, C.CAPTIONS_FILE, C.TOKENS_FILE):
             fetch(name)
         for layer in chosen:
@@ -59,20 +60,7 @@ def download_bank(
         ) from e
     meta = read_json(meta_path)
     available = [int(x) for x in meta.get("layers", [])] if isinstance(meta, dict) else []
-    chosen = _check(available, layers, repo_id)
+    chosen = select_layers(available, layers, repo_id)
     for layer in chosen:
         fetch(C.LEGACY_LAYER_FILE.format(layer=layer))
     return meta_path.parent
-
-
-def _check(available: list[int], wanted: Sequence[int] | None, repo_id: str) -> list[int]:
-    if not available:
-        raise BankFormatError(f"{repo_id}: its manifest lists no layers")
-    if wanted is None:
-        return sorted(available)
-    missing = sorted({int(x) for x in wanted} - set(available))
-    if missing:
-        raise LayerNotFoundError(
-            f"layer(s) {missing} not in {repo_id}; available: {sorted(available)}"
-        )
-    return sorted({int(x) for x in wanted})

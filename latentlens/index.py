@@ -14,7 +14,7 @@ import torch
 from latentlens import bank as B
 from latentlens import constants as C
 from latentlens.atomic import read_json
-from latentlens.errors import BankFormatError, LatentLensError, LayerNotFoundError
+from latentlens.errors import BankFormatError, LatentLensError
 from latentlens.search import Precision, RowNorms, SearchHits, search_banks
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class ContextualIndex:
         if B.is_legacy(root):
             return cls._from_legacy(root, layers, device, dtype)
         manifest = B.read_manifest(root)
-        chosen = _choose_layers(manifest["layers"], layers, root)
+        chosen = B.select_layers(manifest["layers"], layers, f"bank {root}")
         entries = B.read_entries(root)
         if mmap:
             if device.type != "cpu" or dtype is not None:
@@ -202,7 +202,7 @@ class ContextualIndex:
         dtype: torch.dtype | str | None,
     ) -> ContextualIndex:
         available = B.legacy_layers(root)
-        chosen = _choose_layers(available, layers, root)
+        chosen = B.select_layers(available, layers, f"bank {root}")
         embs, metas = {}, {}
         for layer in chosen:
             emb, meta = B.load_legacy_layer(root / C.LEGACY_LAYER_FILE.format(layer=layer))
@@ -303,7 +303,7 @@ class ContextualIndex:
 
     def embeddings(self, layer: int) -> torch.Tensor:
         """The stored rows of one layer ``[N, d]`` (a view, not a copy)."""
-        self._check_layers([layer])
+        self._selected([layer])
         return self._layers[layer]
 
     def num_rows(self, layer: int) -> int:
@@ -408,18 +408,7 @@ class ContextualIndex:
     # ── internals ─────────────────────────────────────────────────────────────────
 
     def _selected(self, layers: Sequence[int] | None) -> list[int]:
-        if layers is None:
-            return self.available_layers
-        chosen = sorted({int(x) for x in layers})
-        self._check_layers(chosen)
-        return chosen
-
-    def _check_layers(self, layers: Sequence[int]) -> None:
-        missing = [x for x in layers if x not in self._layers]
-        if missing:
-            raise LayerNotFoundError(
-                f"layer(s) {missing} not in this index; available: {self.available_layers}"
-            )
+        return B.select_layers(self.available_layers, layers, "this index")
 
     def _search(
         self,
@@ -477,17 +466,3 @@ def neighbors_from_entries(
             ]
         )
     return out
-
-
-def _choose_layers(available: Sequence[int], wanted: Sequence[int] | None, root: Path) -> list[int]:
-    if not available:
-        raise BankFormatError(f"bank {root} holds no layers")
-    if wanted is None:
-        return sorted(available)
-    chosen = sorted({int(x) for x in wanted})
-    missing = [x for x in chosen if x not in available]
-    if missing:
-        raise LayerNotFoundError(
-            f"layer(s) {missing} not in bank {root}; available: {sorted(available)}"
-        )
-    return chosen

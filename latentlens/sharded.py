@@ -19,7 +19,7 @@ import torch
 
 from latentlens import bank as B
 from latentlens import distributed as D
-from latentlens.errors import BankFormatError, LayerNotFoundError
+from latentlens.errors import BankFormatError
 from latentlens.index import Neighbor, neighbors_from_entries, rows_to_entries
 from latentlens.search import Precision, RowNorms, prepare_queries, search_layer
 
@@ -66,13 +66,7 @@ class _ShardedBase:
             raise BankFormatError(f"{root} is a legacy bank: convert it first (latentlens convert)")
         self.root = root
         self.manifest = B.read_manifest(root)
-        available = self.manifest["layers"]
-        chosen = sorted(set(layers)) if layers is not None else sorted(available)
-        missing = [x for x in chosen if x not in available]
-        if missing:
-            raise LayerNotFoundError(
-                f"layer(s) {missing} not in bank {root}; available: {sorted(available)}"
-            )
+        chosen = B.select_layers(self.manifest["layers"], layers, f"bank {root}")
         self.layers = chosen
         self.entries = B.read_entries(root)
         self.hidden_dim = int(self.manifest["hidden_dim"])
@@ -116,11 +110,6 @@ class _ShardedBase:
         row_t = torch.cat([*parts_r, pad_i], dim=1)
         return merge_candidates(scores, layer_t, row_t, k, keep_padding=True)
 
-    def _finish(
-        self, scores: torch.Tensor, layer: torch.Tensor, row: torch.Tensor, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return merge_candidates(scores, layer, row, k)
-
     def search(
         self,
         queries: torch.Tensor,
@@ -146,13 +135,7 @@ class _ShardedBase:
         raise NotImplementedError
 
     def _check(self, layers: Sequence[int] | None) -> list[int]:
-        if layers is None:
-            return self.layers
-        chosen = sorted(set(layers))
-        missing = [x for x in chosen if x not in self.layers]
-        if missing:
-            raise LayerNotFoundError(f"layer(s) {missing} not loaded; available: {self.layers}")
-        return chosen
+        return B.select_layers(self.layers, layers, "the loaded layers")
 
 
 class DistributedIndex(_ShardedBase):
@@ -188,7 +171,7 @@ class DistributedIndex(_ShardedBase):
         local = self._search_slices(q64, {x: self.slices[x] for x in chosen}, top_k, precision)
         gathered = [D.all_gather_tensor(t) for t in local]
         scores, layer, row = (torch.cat(g, dim=1) for g in gathered)
-        return self._finish(scores, layer, row, top_k)
+        return merge_candidates(scores, layer, row, top_k)
 
 
 class MultiDeviceIndex(_ShardedBase):
@@ -208,7 +191,8 @@ class MultiDeviceIndex(_ShardedBase):
             devices = [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
         self.devices = [torch.device(d) for d in devices]
         self.shards = [
-            self._load_slices(dev, i, len(self.devices), dtype) for i, dev in enumerate(self.devices)
+            self._load_slices(dev, i, len(self.devices), dtype)
+            for i, dev in enumerate(self.devices)
         ]
 
     def search_rows(
@@ -227,4 +211,4 @@ class MultiDeviceIndex(_ShardedBase):
             for dev, shard in zip(self.devices, self.shards, strict=True)
         ]
         scores, layer, row = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))
-        return self._finish(scores, layer, row, top_k)
+        return merge_candidates(scores, layer, row, top_k)
