@@ -18,17 +18,10 @@ from pathlib import Path
 
 import click
 
+from latentlens.cli import parse_int_list
+
 DEFAULT_MODEL = "Qwen/Qwen2-VL-7B-Instruct"
 DEFAULT_BANK = "McGill-NLP/latentlens-qwen2vl-embeddings"
-
-
-def _ints(value: str | None) -> list[int] | None:
-    if not value:
-        return None
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -151,11 +144,13 @@ def main(
                 build_corpus,
                 model=vlm,
                 tokenizer=processor.tokenizer,
-                layers=_ints(bank_layers),
+                layers=parse_int_list(bank_layers),
                 output_dir=target,
             )
         else:
-            index = ContextualIndex.from_pretrained(bank or DEFAULT_BANK, layers=_ints(bank_layers))
+            index = ContextualIndex.from_pretrained(
+                bank or DEFAULT_BANK, layers=parse_int_list(bank_layers)
+            )
         index.to(run_device)
         patches = None
         image = load_image(image_file)
@@ -164,14 +159,14 @@ def main(
             processor,
             image,
             index,
-            _ints(layers) or [],
+            parse_int_list(layers) or [],
             top_k=top_k,
             size=size,
             num_patches=num_patches,
             seed=seed,
         )
         if patch_list:
-            rc = [_ints(p) for p in patch_list]
+            rc = [parse_int_list(p) for p in patch_list]
             if any(x is None or len(x) != 2 for x in rc):
                 raise click.BadParameter("--patches takes 'row,col'")
             patches = [r * ex.grid[1] + c for r, c in rc]  # type: ignore[misc]

@@ -38,14 +38,21 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def parse_layers(value: str | None) -> list[int] | None:
-    """``"1,2,8"`` → ``[1, 2, 8]``; ``None``/``""``/``"auto"`` → ``None``."""
-    if value is None or value.strip() in ("", "auto", "all"):
+def parse_int_list(value: str | None) -> list[int] | None:
+    """``"1,2,8"`` → ``[1, 2, 8]``; ``None``/``""`` → ``None``; anything else is a usage error."""
+    if value is None or not value.strip():
         return None
     try:
         return [int(x) for x in value.replace(" ", "").split(",") if x]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def parse_layers(value: str | None) -> list[int] | None:
+    """Like :func:`parse_int_list`, with ``"all"``/``"auto"`` (any case) meaning the default."""
+    if value is not None and value.strip().lower() in ("all", "auto"):
+        return None
+    return parse_int_list(value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -76,8 +83,10 @@ def info(bank: str) -> None:
     click.echo(f"model:       {index.model_name or '(unknown)'}")
     click.echo(f"hidden dim:  {index.hidden_dim}")
     click.echo(f"dtype:       {dtype_name(index.dtype)}")
-    click.echo(f"entries:     {len(index.entries):,} ({len(index.entries.captions):,} captions, "
-               f"{len(index.entries.token_strs):,} distinct tokens)")
+    click.echo(
+        f"entries:     {len(index.entries):,} ({len(index.entries.captions):,} captions, "
+        f"{len(index.entries.token_strs):,} distinct tokens)"
+    )
     click.echo("layers:")
     for layer in index.available_layers:
         emb = index.embeddings(layer)
@@ -93,7 +102,9 @@ def info(bank: str) -> None:
 @click.argument("legacy_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--layers", default=None, help="Comma-separated layers to convert (default: all).")
-@click.option("--dtype", default=None, help="Storage dtype: float16, bfloat16, float32, float8_e4m3fn.")
+@click.option(
+    "--dtype", default=None, help="Storage dtype: float16, bfloat16, float32, float8_e4m3fn."
+)
 @user_errors
 def convert(legacy_dir: str, out_dir: str, layers: str | None, dtype: str | None) -> None:
     """Convert a bank in the original release's layout (layer_N/embeddings_cache.pt) to ours.
@@ -108,8 +119,13 @@ def convert(legacy_dir: str, out_dir: str, layers: str | None, dtype: str | None
 
 
 @main.command()
-@click.option("--bank", "bank_dir", default=None, type=click.Path(file_okay=False),
-              help="Where to keep the demo bank (default: ~/.cache/latentlens/demo-bank-smollm2).")
+@click.option(
+    "--bank",
+    "bank_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where to keep the demo bank (default: ~/.cache/latentlens/demo-bank-smollm2).",
+)
 @click.option("--layer", default=16, show_default=True, help="Layer of the query hidden states.")
 @click.option("--top-k", default=5, show_default=True, help="Neighbours per word.")
 @user_errors
@@ -126,27 +142,63 @@ def demo(bank_dir: str | None, layer: int, top_k: int) -> None:
     for hit in hits:
         click.echo(f"\n{hit.sentence}\n  '{hit.word}' (token {hit.position}, layer {hit.layer}):")
         for nb in hit.neighbors:
-            click.echo(f"    {nb.similarity:6.3f}  L{nb.contextual_layer:<3} {nb.token_str!r:<12} {nb.caption}")
+            click.echo(
+                f"    {nb.similarity:6.3f}  L{nb.contextual_layer:<3} {nb.token_str!r:<12} {nb.caption}"
+            )
 
 
 @main.command()
 @click.argument("model")
 @click.argument("corpus", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--layers", default=None, help="Comma-separated layers (default: 1,2,4,8,16,24 below n, n-2, n-1).")
-@click.option("--cap", default=None, type=int, help="Contexts per token string [default: 50, paper 20].")
-@click.option("--sampling", type=click.Choice(["first", "reservoir"]), default=None,
-              help="first = library mode (default); reservoir = paper mode.")
-@click.option("--paper", is_flag=True, help="The paper's settings: reservoir, cap 20, no skip, no dedup, raw fp8.")
-@click.option("--dtype", "storage_dtype", default=None, help="Bank storage: float16 (default), bfloat16, float32, float8_e4m3fn.")
-@click.option("--model-dtype", default=None, help="Model compute dtype (default fp16 on CUDA, fp32 on CPU).")
+@click.option(
+    "--layers",
+    default=None,
+    help="Comma-separated layers (default: 1,2,4,8,16,24 below n, n-2, n-1).",
+)
+@click.option(
+    "--cap", default=None, type=int, help="Contexts per token string [default: 50, paper 20]."
+)
+@click.option(
+    "--sampling",
+    type=click.Choice(["first", "reservoir"]),
+    default=None,
+    help="first = library mode (default); reservoir = paper mode.",
+)
+@click.option(
+    "--paper",
+    is_flag=True,
+    help="The paper's settings: reservoir, cap 20, no skip, no dedup, raw fp8.",
+)
+@click.option(
+    "--dtype",
+    "storage_dtype",
+    default=None,
+    help="Bank storage: float16 (default), bfloat16, float32, float8_e4m3fn.",
+)
+@click.option(
+    "--model-dtype", default=None, help="Model compute dtype (default fp16 on CUDA, fp32 on CPU)."
+)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
-@click.option("--no-resume", is_flag=True, help="Start over instead of resuming an interrupted build.")
+@click.option(
+    "--no-resume", is_flag=True, help="Start over instead of resuming an interrupted build."
+)
 @user_errors
-def build(model: str, corpus: str, out_dir: str, layers: str | None, cap: int | None,
-          sampling: str | None, paper: bool, storage_dtype: str | None, model_dtype: str | None,
-          batch_size: int, device: str | None, no_resume: bool) -> None:
+def build(
+    model: str,
+    corpus: str,
+    out_dir: str,
+    layers: str | None,
+    cap: int | None,
+    sampling: str | None,
+    paper: bool,
+    storage_dtype: str | None,
+    model_dtype: str | None,
+    batch_size: int,
+    device: str | None,
+    no_resume: bool,
+) -> None:
     """Build a contextual bank of MODEL's hidden states over CORPUS into OUT_DIR.
 
     MODEL is a Hub id or local path ("smollm2" = the bundled SmolLM2-135M). CORPUS is a
@@ -165,8 +217,12 @@ def build(model: str, corpus: str, out_dir: str, layers: str | None, cap: int | 
 
     kwargs: dict = {}
     if paper:
-        kwargs.update(sampling="reservoir", max_contexts_per_token=20, skip_first=0,
-                      storage_dtype="float8_e4m3fn")
+        kwargs.update(
+            sampling="reservoir",
+            max_contexts_per_token=20,
+            skip_first=0,
+            storage_dtype="float8_e4m3fn",
+        )
     if sampling:
         kwargs["sampling"] = sampling
     if cap is not None:
@@ -181,9 +237,16 @@ def build(model: str, corpus: str, out_dir: str, layers: str | None, cap: int | 
 
         kwargs["model"], kwargs["tokenizer"] = load_smollm2()
         name = "SmolLM2-135M-Instruct"
-    index = build_index(name, corpus, layers=parse_layers(layers), batch_size=batch_size,
-                        device=torch.device(device) if device else None, output_dir=out_dir,
-                        resume=not no_resume, **kwargs)
+    index = build_index(
+        name,
+        corpus,
+        layers=parse_layers(layers),
+        batch_size=batch_size,
+        device=torch.device(device) if device else None,
+        output_dir=out_dir,
+        resume=not no_resume,
+        **kwargs,
+    )
     click.echo(f"wrote {out_dir}: {index!r}")
 
 
@@ -214,31 +277,62 @@ def _write_outputs(result: Any, json_path: str | None, plot_path: str | None, qu
 
 _text_option = click.option("--text", "-t", required=True, help="The sentence to read.")
 _positions_option = click.option(
-    "--positions", default=None,
+    "--positions",
+    default=None,
     help="Comma-separated token positions to read; negative counts from the end (default: all).",
 )
-_top_k_option = click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(1),
-                             help="Predictions per token and layer.")
+_top_k_option = click.option(
+    "--top-k",
+    "-k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Predictions per token and layer.",
+)
 _device_option = click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu).")
-_dtype_option = click.option("--dtype", "model_dtype", default=None,
-                             help="Model dtype: float32, float16, bfloat16 (default: the model's).")
-_json_option = click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-                            help="Also write the results as JSON to this file.")
-_plot_option = click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
-                            help="Also save a tokens x layers figure (e.g. out.png).")
+_dtype_option = click.option(
+    "--dtype",
+    "model_dtype",
+    default=None,
+    help="Model dtype: float32, float16, bfloat16 (default: the model's).",
+)
+_json_option = click.option(
+    "--json",
+    "json_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write the results as JSON to this file.",
+)
+_plot_option = click.option(
+    "--plot",
+    "plot_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also save a tokens x layers figure (e.g. out.png).",
+)
 _quiet_option = click.option("--quiet", "-q", is_flag=True, help="Do not print the table.")
 
 
 @main.command()
 @click.argument("bank", type=click.Path(exists=True, file_okay=False))
 @_text_option
-@click.option("--model", "model_name", default=None,
-              help="Model that embeds the text (default: the one the bank records; "
-                   "'smollm2' = bundled SmolLM2-135M).")
-@click.option("--layers", default=None,
-              help="Comma-separated layers of the text to read (default: the bank's layers).")
-@click.option("--bank-layers", default=None,
-              help="Comma-separated bank layers to search (default: all; global top-k).")
+@click.option(
+    "--model",
+    "model_name",
+    default=None,
+    help="Model that embeds the text (default: the one the bank records; "
+    "'smollm2' = bundled SmolLM2-135M).",
+)
+@click.option(
+    "--layers",
+    default=None,
+    help="Comma-separated layers of the text to read (default: the bank's layers).",
+)
+@click.option(
+    "--bank-layers",
+    default=None,
+    help="Comma-separated bank layers to search (default: all; global top-k).",
+)
 @_top_k_option
 @_positions_option
 @_device_option
@@ -247,10 +341,20 @@ _quiet_option = click.option("--quiet", "-q", is_flag=True, help="Do not print t
 @_plot_option
 @_quiet_option
 @user_errors
-def search(bank: str, text: str, model_name: str | None, layers: str | None,
-           bank_layers: str | None, top_k: int, positions: str | None, device: str | None,
-           model_dtype: str | None, json_path: str | None, plot_path: str | None,
-           quiet: bool) -> None:
+def search(
+    bank: str,
+    text: str,
+    model_name: str | None,
+    layers: str | None,
+    bank_layers: str | None,
+    top_k: int,
+    positions: str | None,
+    device: str | None,
+    model_dtype: str | None,
+    json_path: str | None,
+    plot_path: str | None,
+    quiet: bool,
+) -> None:
     """Show each token's nearest contextual neighbours in BANK.
 
     TEXT is embedded by the bank's own model (or --model); the hidden state of every
@@ -271,39 +375,67 @@ def search(bank: str, text: str, model_name: str | None, layers: str | None,
         index.to(device)
     query_layers = parse_layers(layers) or index.available_layers
     lens = LatentLens(index, top_k, layers=parse_layers(bank_layers))
-    result = interpret(model, tokenizer, text, query_layers, [lens],
-                       positions=parse_layers(positions))
+    result = interpret(
+        model, tokenizer, text, query_layers, [lens], positions=parse_layers(positions)
+    )
     _write_outputs(result, json_path, plot_path, quiet)
 
 
 @main.command()
 @click.argument("model")
 @_text_option
-@click.option("--bank", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Contextual bank for the latent lens (built from the same model).")
-@click.option("--lens", "lens_names", multiple=True,
-              type=click.Choice(["latent", "logit", "embedding"]),
-              help="Lens to run; repeat for several (default: logit, embedding, and latent "
-                   "when --bank is given).")
-@click.option("--layers", default=None,
-              help="Comma-separated layers to read (default: all, 0 = embeddings).")
-@click.option("--bank-layers", default=None,
-              help="Bank layers the latent lens searches (default: all; global top-k).")
+@click.option(
+    "--bank",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Contextual bank for the latent lens (built from the same model).",
+)
+@click.option(
+    "--lens",
+    "lens_names",
+    multiple=True,
+    type=click.Choice(["latent", "logit", "embedding"]),
+    help="Lens to run; repeat for several (default: logit, embedding, and latent "
+    "when --bank is given).",
+)
+@click.option(
+    "--layers", default=None, help="Comma-separated layers to read (default: all, 0 = embeddings)."
+)
+@click.option(
+    "--bank-layers",
+    default=None,
+    help="Bank layers the latent lens searches (default: all; global top-k).",
+)
 @_top_k_option
 @_positions_option
-@click.option("--all-embedding-rows", is_flag=True,
-              help="Embedding lens over every row, special and padding tokens included "
-                   "(the original release's behaviour).")
+@click.option(
+    "--all-embedding-rows",
+    is_flag=True,
+    help="Embedding lens over every row, special and padding tokens included "
+    "(the original release's behaviour).",
+)
 @_device_option
 @_dtype_option
 @_json_option
 @_plot_option
 @_quiet_option
 @user_errors
-def interpret(model: str, text: str, bank: str | None, lens_names: tuple[str, ...],
-              layers: str | None, bank_layers: str | None, top_k: int, positions: str | None,
-              all_embedding_rows: bool, device: str | None, model_dtype: str | None,
-              json_path: str | None, plot_path: str | None, quiet: bool) -> None:
+def interpret(
+    model: str,
+    text: str,
+    bank: str | None,
+    lens_names: tuple[str, ...],
+    layers: str | None,
+    bank_layers: str | None,
+    top_k: int,
+    positions: str | None,
+    all_embedding_rows: bool,
+    device: str | None,
+    model_dtype: str | None,
+    json_path: str | None,
+    plot_path: str | None,
+    quiet: bool,
+) -> None:
     """Read TEXT's hidden states in MODEL through the logit, embedding and latent lenses.
 
     MODEL is a Hub id or local path ('smollm2' = bundled SmolLM2-135M). One forward pass
@@ -330,8 +462,9 @@ def interpret(model: str, text: str, bank: str | None, lens_names: tuple[str, ..
         elif name == "embedding":
             kwargs["original"] = all_embedding_rows
         lenses.append(make_lens(name, net, tokenizer, top_k, index=index, **kwargs))
-    result = run_interpret(net, tokenizer, text, parse_layers(layers), lenses,
-                           positions=parse_layers(positions))
+    result = run_interpret(
+        net, tokenizer, text, parse_layers(layers), lenses, positions=parse_layers(positions)
+    )
     _write_outputs(result, json_path, plot_path, quiet)
 
 

@@ -16,16 +16,8 @@ from typing import Any
 
 import click
 
+from latentlens.cli import parse_layers
 from latentlens.evaluation.render import ENCODERS
-
-
-def _layers(value: str | None) -> list[int] | None:
-    if value is None or value.strip().lower() in ("", "all", "auto"):
-        return None
-    try:
-        return [int(x) for x in value.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -164,7 +156,7 @@ def judge(**opts: Any) -> None:
                 lens=opts["lens"],
                 model=opts["vlm"],
                 encoder=opts["encoder"],
-                layers=_layers(opts["layers"]),
+                layers=parse_layers(opts["layers"]),
                 patches_per_layer=opts["patches_per_layer"],
                 seed=opts["seed"],
                 concurrency=opts["concurrency"],

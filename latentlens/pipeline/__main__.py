@@ -14,17 +14,10 @@ from typing import Any, NoReturn
 
 import click
 
+from latentlens.cli import parse_layers
+
 DEFAULT_OUT = "out/paper"
 DEFAULT_TINY_OUT = "out/tiny"
-
-
-def _ints(value: str | None) -> list[int] | None:
-    if value is None or value.strip().lower() in ("", "all", "auto"):
-        return None
-    try:
-        return [int(x) for x in value.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -130,7 +123,7 @@ def download(
             record = run_download(
                 layout,
                 names,
-                bank_layers=_ints(bank_layers),
+                bank_layers=parse_layers(bank_layers),
                 base=base,
                 public_bank=not no_public_bank,
                 cache_dir=cache_dir,
@@ -212,7 +205,7 @@ def extract(
         wanted,
         corpus,
         sources=sources,
-        layers=_ints(bank_layers),
+        layers=parse_layers(bank_layers),
         settings=PaperBankSettings(cap=cap),
         batch_size=bank_batch_size,
         device=device,
@@ -286,11 +279,10 @@ def lenses(
     dtype: str | None,
 ) -> None:
     """Step 3: the three lenses at every layer of each model, over N evaluation images."""
+    from latentlens import distributed as D
     from latentlens.evaluation.names import LENSES
     from latentlens.pipeline.lenses import PIXMO_SOURCE, images_for_run, run_model
     from latentlens.pipeline.pixmo import ImageSourceError
-
-    from latentlens import distributed as D
 
     D.init_from_env()  # under torchrun the images are split across the ranks
     layout, names = _setup(out, tiny, models)
@@ -323,7 +315,7 @@ def lenses(
             layout,
             name,
             records,
-            layers="all" if layers and layers.strip() == "all" else _ints(layers),
+            layers="all" if layers and layers.strip() == "all" else parse_layers(layers),
             top_k=top_k,
             lenses=chosen,
             tiny=tiny,
