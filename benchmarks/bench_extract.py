@@ -64,7 +64,7 @@ def main() -> None:
     @torch.inference_mode()
     def truncated() -> None:
         for x, m in batches:
-            get_hidden_states(model, layers, input_ids=x, attention_mask=m)
+            get_hidden_states(model, layers=layers, input_ids=x, attention_mask=m)
 
     @torch.inference_mode()
     def full() -> None:

@@ -143,7 +143,7 @@ def part_recall(args: argparse.Namespace) -> None:
     vecs = []
     with torch.inference_mode():
         for ids in tokenize(tok, query_caps, 512):
-            h = get_hidden_states(model, layers, input_ids=torch.tensor([ids]))
+            h = get_hidden_states(model, layers=layers, input_ids=torch.tensor([ids]))
             vecs.append(torch.cat([h[x][0] for x in layers]))
     queries = torch.cat(vecs).float()
     banks = {"float32": ref}

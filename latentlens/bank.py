@@ -134,6 +134,34 @@ def select_layers(available: Sequence[int], wanted: Sequence[int] | None, where:
     return chosen
 
 
+def check_entry_map(
+    idx: torch.Tensor | None, n_rows: int, n_entries: int, where: str
+) -> torch.Tensor | None:
+    """Validate a row → entry map (``None`` = identity); returns it as CPU int64.
+
+    Every entry point that pairs rows with entries (index, sharded indexes, legacy reader)
+    calls this one check.
+
+    Raises:
+        BankFormatError: wrong shape, or an index outside ``[0, n_entries)``.
+    """
+    if idx is None:
+        if n_rows > n_entries:
+            raise BankFormatError(f"{where} has {n_rows} rows but only {n_entries} entries")
+        return None
+    idx = idx.to("cpu", torch.int64)
+    if idx.shape != (n_rows,):
+        raise BankFormatError(
+            f"{where}: entry map has shape {tuple(idx.shape)}, expected ({n_rows},)"
+        )
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_entries):
+        raise BankFormatError(
+            f"{where}: entry map points outside the entry table (values "
+            f"{int(idx.min())}..{int(idx.max())}, {n_entries} entries)"
+        )
+    return idx
+
+
 def layer_path(root: Path, layer: int) -> Path:
     """Path of one layer's safetensors file."""
     return root / C.LAYER_FILE.format(layer=layer)
@@ -382,6 +410,9 @@ def read_entries(root: Path) -> Entries:
         raise BankFormatError(f"bank {root}: entry columns have different lengths")
     if n and int(cols["caption_id"].max()) >= len(captions):
         raise BankFormatError(f"bank {root}: caption_id points past captions.json")
+    for key in ("caption_id", "position"):
+        if n and int(cols[key].min()) < 0:
+            raise BankFormatError(f"bank {root}: negative {key} in the entry table")
     return Entries(
         token_id=cols["token_id"].to(torch.int64),
         caption_id=cols["caption_id"].to(torch.int64),
@@ -447,8 +478,13 @@ _LEGACY_DIR = re.compile(r"^layer_(\d+)$")
 
 def is_legacy(root: Path) -> bool:
     """Whether ``root`` holds the original release's layout."""
+    return not (root / C.CONFIG_FILE).exists() and any(legacy_layers(root))
+
+
+def is_partial(root: Path) -> bool:
+    """Whether ``root`` holds pieces of our layout without its manifest (an interrupted write)."""
     return not (root / C.CONFIG_FILE).exists() and (
-        (root / C.LEGACY_META_FILE).exists() or any(legacy_layers(root))
+        (root / C.ENTRIES_FILE).exists() or any(root.glob("layer_*.safetensors"))
     )
 
 

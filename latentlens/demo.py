@@ -89,7 +89,7 @@ def run_demo(
     hits = []
     for sentence, word in queries:
         ids, pos = word_position(tokenizer, sentence, word)
-        states = get_hidden_states(model, [query_layer], input_ids=torch.tensor([ids]))
+        states = get_hidden_states(model, layers=[query_layer], input_ids=torch.tensor([ids]))
         vec = states[query_layer][0, pos]
         hits.append(DemoHit(sentence, word, pos, query_layer, index.search(vec, top_k=top_k)[0]))
     return index, hits

@@ -11,6 +11,10 @@ class BankFormatError(LatentLensError, ValueError):
     """A bank directory or file is missing, corrupt, unsafe or of an unknown format."""
 
 
+class BankNotFoundError(BankFormatError, FileNotFoundError):
+    """No bank at the given path (neither our layout nor the original release's)."""
+
+
 class LayerNotFoundError(LatentLensError, KeyError):
     """A requested layer is not in the bank (the message lists the available ones)."""
 

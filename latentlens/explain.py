@@ -137,7 +137,7 @@ def explain_image(
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     tokens = locate_visual_tokens(model, inputs["input_ids"], inputs.get("image_grid_thw"))
-    states = get_hidden_states(model, list(layers), **inputs)
+    states = get_hidden_states(model, layers=list(layers), **inputs)
     n = tokens.grid[0] * tokens.grid[1]
     pos = tokens.positions.to(device)
     neighbors = {

@@ -426,7 +426,7 @@ class _Builder:
                     slots_all.append(slot)
             hidden = get_hidden_states(
                 self.model,
-                list(self.cfg.layers),
+                layers=list(self.cfg.layers),
                 input_ids=input_ids.to(self.device),
                 attention_mask=mask.to(self.device),
             )

@@ -14,8 +14,8 @@ import torch
 from latentlens import bank as B
 from latentlens import constants as C
 from latentlens.atomic import read_json
-from latentlens.errors import BankFormatError, LatentLensError
-from latentlens.search import Precision, RowNorms, SearchHits, search_banks
+from latentlens.errors import BankFormatError, BankNotFoundError, LatentLensError
+from latentlens.search import Precision, RowNorms, SearchHits, checked_norms, search_banks
 
 logger = logging.getLogger(__name__)
 
@@ -49,25 +49,37 @@ class ContextualIndex:
 
     def __init__(
         self,
-        layers: Mapping[int, torch.Tensor],
-        entries: B.Entries,
+        layers: Mapping[int, torch.Tensor] | Mapping[int, Mapping[str, Any]],
+        entries: B.Entries | None = None,
         *,
         entry_index: Mapping[int, torch.Tensor | None] | None = None,
         manifest: Mapping[str, Any] | None = None,
     ) -> None:
         """Wrap already-prepared tensors (no copy).
 
+        Two forms:
+
+        - ``ContextualIndex(layers_data)`` (the original release's constructor):
+          ``{layer: {"embeddings": Tensor[N, D], "metadata": [{"token_str", "caption",
+          "position", "token_id"}, ...]}}``, one metadata dict per row;
+        - ``ContextualIndex(layers, entries, entry_index=..., manifest=...)``: rows plus
+          one shared entry table (what :meth:`from_directory` and ``build_index`` make).
+
         Args:
-            layers: ``{layer: [N_l, d]}`` rows, any float/fp8 dtype, all on one device.
-            entries: the shared entry table.
+            layers: ``{layer: [N_l, d]}`` rows, any float/fp8 dtype, all on one device, or
+                the ``layers_data`` dict above.
+            entries: the shared entry table (omit it with ``layers_data``).
             entry_index: ``{layer: [N_l] int64}`` row → entry maps; missing/None = identity.
             manifest: extra metadata (model name, build parameters, …) kept on save.
 
         Raises:
-            BankFormatError: inconsistent widths, row counts or non-finite rows.
+            BankFormatError: inconsistent widths, row counts, entry maps or non-finite rows.
         """
         if not layers:
             raise BankFormatError("an index needs at least one layer")
+        if entries is None:
+            layers, entries, entry_index = _from_layers_data(layers)
+            manifest = {"normalized": False, **(manifest or {})}
         dims = {int(t.shape[1]) if t.ndim == 2 else -1 for t in layers.values()}
         if len(dims) != 1 or -1 in dims:
             raise BankFormatError(
@@ -76,32 +88,22 @@ class ContextualIndex:
         devices = {t.device for t in layers.values()}
         if len(devices) != 1:
             raise BankFormatError(f"all layers must be on one device; got {devices}")
-        self._layers: dict[int, torch.Tensor] = {int(k): v for k, v in sorted(layers.items())}
+        self._layers: dict[int, torch.Tensor] = {
+            int(k): v  # type: ignore[misc]
+            for k, v in sorted(layers.items())
+        }
         self.entries = entries
         self._entry_index: dict[int, torch.Tensor | None] = {}
         for layer, emb in self._layers.items():
             idx = (entry_index or {}).get(layer)
-            if idx is None:
-                if emb.shape[0] > len(entries):
-                    raise BankFormatError(
-                        f"layer {layer} has {emb.shape[0]} rows but only {len(entries)} entries"
-                    )
-            else:
-                idx = idx.to("cpu", torch.int64)
-                if idx.shape != (emb.shape[0],):
-                    raise BankFormatError(f"layer {layer}: entry map has shape {tuple(idx.shape)}")
-                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(entries)):
-                    raise BankFormatError(
-                        f"layer {layer}: entry map points outside the entry table"
-                    )
-            self._entry_index[layer] = idx
+            self._entry_index[layer] = B.check_entry_map(
+                idx, int(emb.shape[0]), len(entries), f"layer {layer}"
+            )
         self.manifest: dict[str, Any] = dict(manifest or {})
-        self._norms: dict[int, RowNorms] = {}
-        for layer, emb in self._layers.items():
-            norms = RowNorms.of(emb)
-            if not bool(torch.isfinite(norms.norm).all()):
-                raise BankFormatError(f"layer {layer} contains NaN or inf values")
-            self._norms[layer] = norms
+        self._norms: dict[int, RowNorms] = {
+            layer: checked_norms(emb, f"layer {layer}") for layer, emb in self._layers.items()
+        }
+        self._legacy_view: dict[int, dict[str, Any]] | None = None
 
     # ── construction ──────────────────────────────────────────────────────────────
 
@@ -164,9 +166,15 @@ class ContextualIndex:
             LayerNotFoundError: a requested layer is not in the bank.
         """
         root = Path(path)
-        if not root.is_dir():
-            raise BankFormatError(f"bank directory {root} does not exist")
         device = torch.device(device) if device is not None else torch.device("cpu")
+        if not root.is_dir() or not (
+            (root / C.CONFIG_FILE).exists() or B.legacy_layers(root) or B.is_partial(root)
+        ):
+            what = "does not exist" if not root.is_dir() else "holds no bank"
+            raise BankNotFoundError(
+                f"{root} {what}: No embeddings_cache.pt files (the original layout "
+                f"layer_N/embeddings_cache.pt) and no {C.CONFIG_FILE} (the latentlens layout)"
+            )
         if B.is_legacy(root):
             return cls._from_legacy(root, layers, device, dtype)
         manifest = B.read_manifest(root)
@@ -322,14 +330,35 @@ class ContextualIndex:
         rows = ", ".join(f"{k}: {v.shape[0]:,}" for k, v in self._layers.items())
         name = f"model={self.model_name!r}, " if self.model_name else ""
         return (
-            f"ContextualIndex({name}layers={{{rows}}}, hidden_dim={self.hidden_dim}, "
-            f"dtype={B.dtype_name(self.dtype)}, device={self.device})"
+            f"ContextualIndex({name}layers={{{rows}}}, total_embeddings={len(self):,}, "
+            f"hidden_dim={self.hidden_dim}, dtype={B.dtype_name(self.dtype)}, "
+            f"device={self.device})"
         )
+
+    @property
+    def _layers_data(self) -> dict[int, dict[str, Any]]:
+        """The original release's view: ``{layer: {"embeddings", "metadata"}}`` (built once).
+
+        Kept for code written against the original ``ContextualIndex``; the embeddings are
+        the stored rows (no copy), the metadata one dict per row.
+        """
+        if self._legacy_view is None:
+            view = {}
+            for layer, emb in self._layers.items():
+                idx = self._entry_index[layer]
+                rows = range(int(emb.shape[0])) if idx is None else idx.tolist()
+                view[layer] = {
+                    "embeddings": emb,
+                    "metadata": [self.entries.record(i) for i in rows],
+                }
+            self._legacy_view = view
+        return self._legacy_view
 
     def to(self, device: torch.device | str) -> ContextualIndex:
         """Move the rows to ``device`` (in place); returns self."""
         device = torch.device(device)
         self._layers = {k: v.to(device) for k, v in self._layers.items()}
+        self._legacy_view = None
         self._norms = {
             k: RowNorms(n.norm.to(device), n.inv.to(device), n.max_deviation)
             for k, n in self._norms.items()
@@ -357,13 +386,12 @@ class ContextualIndex:
 
         Returns:
             ``scores [Q, k]`` float32, ``layer [Q, k]`` int64, ``entry [Q, k]`` int64 (row in
-            :attr:`entries`), best first; ties go to the lower layer, then lower row.
+            :attr:`entries`), best first; ties go to the lower layer, then lower row. A
+            zero query (no cosine defined) gets scores NaN and layer / entry -1.
         """
-        hits = self._search(queries, top_k, layers, precision)
-        chosen = torch.tensor(self._selected(layers), dtype=torch.int64)
-        layer = chosen[hits.bank.cpu()]
-        entry = rows_to_entries(self._entry_index, layer, hits.row.cpu())
-        return hits.scores.to(torch.float32).cpu(), layer, entry
+        scores, layer, row = self.search_rows(queries, top_k, layers, precision=precision)
+        entry = rows_to_entries(self._entry_index, layer, row)
+        return scores.to(torch.float32), layer, entry
 
     def search_rows(
         self,
@@ -376,7 +404,9 @@ class ContextualIndex:
         """Like :meth:`search_tensors` but returns float64 scores and the row in each layer."""
         hits = self._search(queries, top_k, layers, precision)
         chosen = torch.tensor(self._selected(layers), dtype=torch.int64)
-        return hits.scores.cpu(), chosen[hits.bank.cpu()], hits.row.cpu()
+        bank = hits.bank.cpu()
+        layer = torch.where(bank >= 0, chosen[bank.clamp_min(0)], bank)  # -1: a zero query
+        return hits.scores.cpu(), layer, hits.row.cpu()
 
     def search(
         self,
@@ -394,7 +424,8 @@ class ContextualIndex:
             layers: bank layers to search (default all); the global top-k is kept.
 
         Returns:
-            ``Q`` lists of :class:`Neighbor` with ``contextual_layer`` set.
+            ``Q`` lists of :class:`Neighbor` with ``contextual_layer`` set; an empty list
+            for a zero query (e.g. the connector output of an all-black crop).
         """
         scores, layer, entry = self.search_tensors(queries, top_k, layers, precision=precision)
         return self.neighbors(scores, layer, entry)
@@ -431,6 +462,30 @@ class ContextualIndex:
         )
 
 
+def _from_layers_data(
+    layers_data: Mapping[int, Any],
+) -> tuple[dict[int, torch.Tensor], B.Entries, dict[int, torch.Tensor | None]]:
+    """The original constructor's ``{layer: {"embeddings", "metadata"}}`` → our parts."""
+    embs: dict[int, torch.Tensor] = {}
+    metas: dict[int, Sequence[Mapping[str, Any]]] = {}
+    for layer, data in layers_data.items():
+        if not isinstance(data, Mapping) or "embeddings" not in data or "metadata" not in data:
+            raise BankFormatError(
+                f"layer {layer}: expected {{'embeddings': Tensor[N, D], 'metadata': [dict, ...]}} "
+                f"(or pass the entry table as the second argument), got {type(data).__name__}"
+            )
+        emb, meta = data["embeddings"], data["metadata"]
+        if not isinstance(emb, torch.Tensor) or emb.ndim != 2:
+            raise BankFormatError(f"layer {layer}: 'embeddings' must be a 2-D tensor")
+        if len(meta) != emb.shape[0]:
+            raise BankFormatError(
+                f"layer {layer}: {emb.shape[0]} rows but {len(meta)} metadata dicts"
+            )
+        embs[int(layer)], metas[int(layer)] = emb, meta
+    entries, maps = B.merge_legacy(metas)
+    return embs, entries, maps
+
+
 def rows_to_entries(
     entry_maps: Mapping[int, torch.Tensor | None], layer: torch.Tensor, row: torch.Tensor
 ) -> torch.Tensor:
@@ -438,7 +493,7 @@ def rows_to_entries(
     entry = row.clone()
     for lay, idx in entry_maps.items():
         if idx is not None:
-            mask = layer == lay
+            mask = (layer == lay) & (row >= 0)
             entry[mask] = idx[row[mask]]
     return entry
 
@@ -446,10 +501,14 @@ def rows_to_entries(
 def neighbors_from_entries(
     entries: B.Entries, scores: torch.Tensor, layer: torch.Tensor, entry: torch.Tensor
 ) -> list[list[Neighbor]]:
-    """``[Q, k]`` scores / bank layers / entry rows → ``Q`` lists of :class:`Neighbor`."""
-    tok = entries.token_id[entry].tolist()
-    cap = entries.caption_id[entry].tolist()
-    pos = entries.position[entry].tolist()
+    """``[Q, k]`` scores / bank layers / entry rows → ``Q`` lists of :class:`Neighbor`.
+
+    Columns with layer -1 (no hit: a zero query) are left out.
+    """
+    safe = entry.clamp_min(0) if len(entries) else entry
+    tok = entries.token_id[safe].tolist()
+    cap = entries.caption_id[safe].tolist()
+    pos = entries.position[safe].tolist()
     out = []
     for qs, ql, qt, qc, qp in zip(scores.tolist(), layer.tolist(), tok, cap, pos, strict=True):
         out.append(
@@ -463,6 +522,7 @@ def neighbors_from_entries(
                     contextual_layer=lay,
                 )
                 for s, lay, t, c, p in zip(qs, ql, qt, qc, qp, strict=True)
+                if lay >= 0
             ]
         )
     return out

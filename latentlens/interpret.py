@@ -342,7 +342,7 @@ def interpret(
     mask = inputs.get("attention_mask")
     keep = torch.as_tensor(mask)[0].bool() if mask is not None else torch.ones_like(ids).bool()
     chosen_pos = _choose_positions(positions, keep.cpu())
-    states = get_hidden_states(model, chosen_layers, **inputs)
+    states = get_hidden_states(model, layers=chosen_layers, **inputs)
     # [L, P, d]: every chosen (layer, position) vector, read by each lens in one batch.
     pos_index = torch.tensor(chosen_pos)
     vectors = torch.stack([states[x][0, pos_index.to(states[x].device)] for x in chosen_layers])

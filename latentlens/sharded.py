@@ -21,7 +21,7 @@ from latentlens import bank as B
 from latentlens import distributed as D
 from latentlens.errors import BankFormatError
 from latentlens.index import Neighbor, neighbors_from_entries, rows_to_entries
-from latentlens.search import Precision, RowNorms, prepare_queries, search_layer
+from latentlens.search import Precision, RowNorms, checked_norms, prepare_queries, search_layer
 
 
 @dataclass
@@ -52,8 +52,20 @@ def merge_candidates(
     order = scores.argsort(dim=1, descending=True, stable=True)
     scores, layer, row = scores.gather(1, order), layer.gather(1, order), row.gather(1, order)
     if not keep_padding:
-        k = min(k, int((row[0] >= 0).sum()) if row.shape[0] else 0)
+        k = min(k, int((row >= 0).sum(1).max()) if row.numel() else 0)
     return scores[:, :k], layer[:, :k], row[:, :k]
+
+
+def _blank_zero_queries(
+    q64: torch.Tensor, hits: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A zero query has no cosine: score NaN, layer and row -1 (as the one-index search)."""
+    zero = ~(q64 != 0).any(dim=1).cpu()
+    if not bool(zero.any()):
+        return hits
+    scores, layer, row = (t.clone() for t in hits)
+    scores[zero], layer[zero], row[zero] = float("nan"), -1, -1
+    return scores, layer, row
 
 
 class _ShardedBase:
@@ -75,7 +87,9 @@ class _ShardedBase:
         for layer in chosen:
             n, entry = B.layer_rows(root, layer)
             self.num_rows[layer] = n
-            self.entry_map[layer] = entry
+            self.entry_map[layer] = B.check_entry_map(
+                entry, n, len(self.entries), f"bank {root} layer {layer}"
+            )
 
     def _load_slices(
         self, device: torch.device, part: int, parts: int, dtype: torch.dtype | str | None
@@ -87,7 +101,8 @@ class _ShardedBase:
             rows, _ = B.read_layer(self.root, layer, device=device, rows=(start, stop))
             if dtype is not None:
                 rows = rows.to(B.parse_dtype(dtype))
-            out[layer] = _Slice(rows, RowNorms.of(rows), start)
+            norms = checked_norms(rows, f"bank {self.root} layer {layer} rows {start}..{stop}")
+            out[layer] = _Slice(rows, norms, start)
         return out
 
     def _search_slices(
@@ -167,11 +182,11 @@ class DistributedIndex(_ShardedBase):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global top-k ``(scores f64, layer, row-in-layer)``, each ``[Q, k]``, on every rank."""
         chosen = self._check(layers)
-        q64 = prepare_queries(queries, self.hidden_dim).to(self.device)
+        q64 = prepare_queries(queries, self.hidden_dim, allow_zero=True).to(self.device)
         local = self._search_slices(q64, {x: self.slices[x] for x in chosen}, top_k, precision)
         gathered = [D.all_gather_tensor(t) for t in local]
         scores, layer, row = (torch.cat(g, dim=1) for g in gathered)
-        return merge_candidates(scores, layer, row, top_k)
+        return _blank_zero_queries(q64, merge_candidates(scores, layer, row, top_k))
 
 
 class MultiDeviceIndex(_ShardedBase):
@@ -205,10 +220,10 @@ class MultiDeviceIndex(_ShardedBase):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global top-k ``(scores f64, layer, row-in-layer)``, each ``[Q, k]``."""
         chosen = self._check(layers)
-        q = prepare_queries(queries, self.hidden_dim)
+        q = prepare_queries(queries, self.hidden_dim, allow_zero=True)
         parts = [
             self._search_slices(q.to(dev), {x: shard[x] for x in chosen}, top_k, precision)
             for dev, shard in zip(self.devices, self.shards, strict=True)
         ]
         scores, layer, row = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))
-        return merge_candidates(scores, layer, row, top_k)
+        return _blank_zero_queries(q, merge_candidates(scores, layer, row, top_k))

@@ -392,7 +392,7 @@ class MolmoModel(nn.Module):
         deeper = [x for x in wanted if x > 0]
         if deeper:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            states = get_hidden_states(self.llm, deeper, inputs_embeds=embeds, attention_mask=mask)
+            states = get_hidden_states(self.llm, layers=deeper, inputs_embeds=embeds, attention_mask=mask)
             hidden.update({x: states[x][:, pos] for x in deeper})
         return VisualStates(connector=connector_out, hidden=hidden, grid=self.grid)
 

@@ -305,7 +305,7 @@ def test_smollm2_finds_itself_and_separates_word_senses():
     )
     # a stored token searched with its own contextual vector comes back first, similarity 1
     ids, pos = word_position(tok, senses[0], "bank" if "bank" in senses[0] else "bat")
-    vec = get_hidden_states(model, [16], input_ids=torch.tensor([ids]))[16][0, pos]
+    vec = get_hidden_states(model, layers=[16], input_ids=torch.tensor([ids]))[16][0, pos]
     top = index.search(vec, top_k=1, layers=[16])[0][0]
     assert top.caption == senses[0] and top.similarity == pytest.approx(1.0, abs=2e-3)
     # new sentences: each sense of "bank" lands on captions of its own sense
@@ -327,7 +327,7 @@ def test_smollm2_finds_itself_and_separates_word_senses():
         ("Two ducks rested on the muddy bank of the stream.", river, money),
     ]:
         ids, pos = word_position(tok, sentence, "bank")
-        vec = get_hidden_states(model, [16], input_ids=torch.tensor([ids]))[16][0, pos]
+        vec = get_hidden_states(model, layers=[16], input_ids=torch.tensor([ids]))[16][0, pos]
         hits = index.search(vec, top_k=3, layers=[16])[0]
         assert all(h.token_str.strip() == "bank" for h in hits)
         assert sum(any(w in h.caption for w in wanted) for h in hits) >= 2, [

@@ -60,7 +60,7 @@ def test_lenses_through_interpret_equal_the_lenses_on_the_same_vectors(llama, ba
     result = interpret(model, tok, text, layers=[1, 3], lenses=lenses, positions=[2, -1, 0])
     assert result.positions == [2, 7, 0]
     assert result.lens_info["latent"] == {"bank_layers": [1, 3]}
-    states = get_hidden_states(model, [1, 3], **tok(text, return_tensors="pt"))
+    states = get_hidden_states(model, layers=[1, 3], **tok(text, return_tensors="pt"))
     for li, layer in enumerate([1, 3]):
         vectors = states[layer][0, [2, 7, 0]]
         for pi, neighbors in enumerate(bank.search(vectors, top_k=4)):

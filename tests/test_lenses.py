@@ -78,7 +78,7 @@ def test_logit_lens_on_last_layer_is_the_models_own_logits(model_type: str, tied
     with torch.inference_mode():
         own = model(**batch, use_cache=False).logits  # [B, T, V]
     n = num_layers(model)
-    hidden = get_hidden_states(model, n, **batch)[n]
+    hidden = get_hidden_states(model, layers=n, **batch)[n]
     lens = LogitLens(model, tiny_tokenizer(), top_k=7)
     scores, ids = lens.topk(hidden.reshape(-1, hidden.shape[-1]))
     want_s, want_i = own.reshape(-1, own.shape[-1]).topk(7, dim=-1)
@@ -90,7 +90,7 @@ def test_logit_lens_on_last_layer_is_the_models_own_logits(model_type: str, tied
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2"])
 def test_logit_lens_on_a_middle_layer_is_norm_and_head_by_hand(model_type: str) -> None:
     model = tiny_causal_lm(model_type)
-    hidden = get_hidden_states(model, 1, **_batch())[1].reshape(-1, 32)
+    hidden = get_hidden_states(model, layers=1, **_batch())[1].reshape(-1, 32)
     want_s, want_i = _logits_by_hand(model, hidden).topk(5, dim=-1)
     scores, ids = LogitLens(model, tiny_tokenizer()).topk(hidden)
     assert torch.equal(ids, want_i)
@@ -209,7 +209,7 @@ def test_embedding_lens_reads_gemmas_scaled_layer_zero() -> None:
     """hidden_states[0] = weight[id]·sqrt(d); cosine ignores the scale: top-1 is the input id."""
     model, tok = tiny_causal_lm("gemma"), tiny_tokenizer()
     batch = tok([SENTENCES[1]], return_tensors="pt")
-    hidden = get_hidden_states(model, 0, **batch)[0][0]
+    hidden = get_hidden_states(model, layers=0, **batch)[0][0]
     scores, ids = EmbeddingLens(model, tok).topk(hidden)
     words = batch["input_ids"][0, 1:]  # position 0 is <s>, a special token
     assert torch.equal(ids[1:, 0], words)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from collections.abc import Iterator
 
@@ -114,15 +116,23 @@ def test_register_architecture_refuses_duplicates(monkeypatch: pytest.MonkeyPatc
         register_architecture("other", {"layers": "h"})  # type: ignore[arg-type]
 
 
-def test_registered_architecture_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    # An unknown model type becomes usable once registered.
+def test_unregistered_model_is_discovered_and_registration_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(registry_module, "ARCHITECTURES", dict(ARCHITECTURES))
     model = tiny_causal_lm("llama")
     monkeypatch.setattr(model.config, "model_type", "my_llama")
-    with pytest.raises(UnsupportedArchitectureError):
-        get_blocks(model)
-    register_architecture("my_llama", ARCHITECTURES["llama"])
-    assert len(get_blocks(model)) == 3
+    spec = get_arch(model)  # discovered from the module tree + one tiny forward
+    assert spec.discovered and spec.logits_verified
+    assert (spec.text_model_path, spec.layers, spec.final_norm) == ("model", "layers", "norm")
+    assert spec.last_hidden_is_normed
+    assert get_blocks(model) is model.model.layers
+    assert get_final_norm(model) is model.model.norm
+    with pytest.raises(UnsupportedArchitectureError, match="pass the model itself"):
+        get_arch(model.config)  # a bare config cannot be discovered
+    custom = dataclasses.replace(ARCHITECTURES["llama"], notes="mine")
+    register_architecture("my_llama", custom)
+    assert get_arch(model) is custom
 
 
 @pytest.mark.parametrize("kind", VLM_KINDS)
@@ -208,7 +218,7 @@ def test_arch_facts_match_the_model(model_type: str) -> None:
     out = _full(model, **batch)
     n = num_layers(model)
     with torch.inference_mode():
-        pre_norm = get_hidden_states(model, n, **batch)[n]
+        pre_norm = get_hidden_states(model, layers=n, **batch)[n]
         normed = get_final_norm(model)(pre_norm)
         logits = finalize_logits(model, get_output_embeddings(model)(normed))
         embedded = get_input_embeddings(model)(batch["input_ids"])
@@ -235,7 +245,7 @@ def test_hooks_match_output_hidden_states(model_type: str, padding_side: str) ->
     batch = _batch(padding_side)
     out = _full(model, **batch)
     n = num_layers(model)
-    states = get_hidden_states(model, range(n + 1), **batch)
+    states = get_hidden_states(model, layers=range(n + 1), **batch)
     assert list(states) == list(range(n + 1))
     for layer in range(n):
         assert torch.equal(states[layer], out.hidden_states[layer]), layer
@@ -248,10 +258,10 @@ def test_single_layer_and_unsorted_layers() -> None:
     model = tiny_causal_lm("llama")
     batch = _batch("left")
     out = _full(model, **batch)
-    states = get_hidden_states(model, [2, 0, 2], **batch)
+    states = get_hidden_states(model, layers=[2, 0, 2], **batch)
     assert list(states) == [0, 2]
     assert torch.equal(states[2], out.hidden_states[2])
-    assert torch.equal(get_hidden_states(model, 1, **batch)[1], out.hidden_states[1])
+    assert torch.equal(get_hidden_states(model, layers=1, **batch)[1], out.hidden_states[1])
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
@@ -271,7 +281,7 @@ def test_early_stop_skips_later_modules(layer: int) -> None:
         for name, m in watched.items()
     ]
     try:
-        get_hidden_states(model, [layer], **_batch("right"))
+        get_hidden_states(model, layers=[layer], **_batch("right"))
     finally:
         for h in handles:
             h.remove()
@@ -281,7 +291,7 @@ def test_early_stop_skips_later_modules(layer: int) -> None:
 def test_hooks_are_removed() -> None:
     model = tiny_causal_lm("gpt2")
     blocks = get_blocks(model)
-    get_hidden_states(model, [0, 2], **_batch("right"))
+    get_hidden_states(model, layers=[0, 2], **_batch("right"))
     for block in blocks:
         assert not block._forward_hooks and not block._forward_pre_hooks
 
@@ -290,7 +300,7 @@ def test_hooks_are_removed() -> None:
 
     failing = blocks[1].mlp.register_forward_hook(boom)  # an error in the middle of the forward
     with pytest.raises(RuntimeError, match="boom"):
-        get_hidden_states(model, [0, 3], **_batch("right"))
+        get_hidden_states(model, layers=[0, 3], **_batch("right"))
     failing.remove()
     for block in blocks:
         assert not block._forward_hooks and not block._forward_pre_hooks
@@ -298,7 +308,7 @@ def test_hooks_are_removed() -> None:
 
 def test_output_is_not_logits_and_no_grad() -> None:
     model = tiny_causal_lm("qwen2")
-    states = get_hidden_states(model, [1], **_batch("right"))
+    states = get_hidden_states(model, layers=[1], **_batch("right"))
     assert states[1].shape[-1] == 32 and not states[1].requires_grad
 
 
@@ -306,13 +316,13 @@ def test_output_is_not_logits_and_no_grad() -> None:
 def test_layer_validation(bad: object) -> None:
     model = tiny_causal_lm("llama")
     with pytest.raises(ValueError, match=r"0\.\.3|no layers"):
-        get_hidden_states(model, bad, **_batch("right"))  # type: ignore[arg-type]
+        get_hidden_states(model, layers=bad, **_batch("right"))  # type: ignore[arg-type]
 
 
 def test_refuses_output_hidden_states() -> None:
     model = tiny_causal_lm("llama")
     with pytest.raises(ValueError, match="output_hidden_states"):
-        get_hidden_states(model, [1], output_hidden_states=True, **_batch("right"))
+        get_hidden_states(model, layers=[1], output_hidden_states=True, **_batch("right"))
 
 
 def test_capture_context_manager() -> None:
@@ -346,13 +356,13 @@ def test_vlm_hidden_states_with_pixels(kind: str) -> None:
     inputs = vlm_inputs(model)
     out = _full(model, **inputs)
     n = num_layers(model)
-    states = get_hidden_states(model, range(n + 1), **inputs)
+    states = get_hidden_states(model, layers=range(n + 1), **inputs)
     for layer in range(n):
         assert torch.equal(states[layer], out.hidden_states[layer]), layer
     with torch.inference_mode():
         torch.testing.assert_close(get_final_norm(model)(states[n]), out.hidden_states[n])
     # The inner model gives the same states (it is what get_hidden_states calls).
-    inner = get_hidden_states(model.model, [0, n], **inputs)
+    inner = get_hidden_states(model.model, layers=[0, n], **inputs)
     assert torch.equal(inner[0], states[0]) and torch.equal(inner[n], states[n])
     # Layer 0 at the image positions holds the vision features, elsewhere token embeddings.
     image = inputs["input_ids"] == IMAGE_TOKEN_ID
@@ -375,7 +385,7 @@ def test_vlm_text_only(kind: str, padding_side: str) -> None:
     if kind != "llava":
         batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
     out = _full(model, **batch)
-    states = get_hidden_states(model, [0, 1, 2], **batch)
+    states = get_hidden_states(model, layers=[0, 1, 2], **batch)
     for layer in (0, 1, 2):
         assert torch.equal(states[layer], out.hidden_states[layer])
 
@@ -387,7 +397,7 @@ def test_bare_text_submodel(kind: str) -> None:
     assert get_arch(model) == ARCHITECTURES[text_config.model_type]
     batch = _batch("right")
     out = _full(model, **batch)
-    states = get_hidden_states(model, [0, 1, 2], **batch)
+    states = get_hidden_states(model, layers=[0, 1, 2], **batch)
     for layer in (0, 1, 2):
         assert torch.equal(states[layer], out.hidden_states[layer])
 
@@ -431,7 +441,7 @@ def test_load_model_renames_olmo_1124(tmp_path) -> None:
     assert type(model).__name__ == "Olmo2ForCausalLM"
     batch = _batch("right")
     reference = _full(tiny_causal_lm("olmo2"), **batch)
-    assert torch.equal(get_hidden_states(model, [2], **batch)[2], reference.hidden_states[2])
+    assert torch.equal(get_hidden_states(model, layers=[2], **batch)[2], reference.hidden_states[2])
 
 
 def test_smollm2_path_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -456,5 +466,5 @@ def test_load_smollm2() -> None:
     assert num_layers(model) == 30 and hidden_size(model) == 576
     assert tokenizer.pad_token is not None
     batch = tokenizer(["The capital of France is"], return_tensors="pt")
-    states = get_hidden_states(model, [0, 30], **batch)
+    states = get_hidden_states(model, layers=[0, 30], **batch)
     assert states[30].shape == (1, batch["input_ids"].shape[1], 576)

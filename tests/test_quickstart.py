@@ -84,7 +84,7 @@ def test_qwen_layer0_at_image_positions_is_the_merged_vision_output(kind):
     assert vt.grid == (4, 4)  # 32 px / patch 4 = 8 patches per side, merged 2×2
     assert int(inputs["input_ids"][0, vt.position(1, 2)]) == model.config.image_token_id
     with torch.inference_mode():
-        states = get_hidden_states(model, [0], **inputs)
+        states = get_hidden_states(model, layers=[0], **inputs)
         feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
     feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
@@ -100,7 +100,7 @@ def test_llava_layer0_is_the_projector_output_in_row_major_order():
     vt = locate_visual_tokens(model, inputs["input_ids"])
     assert vt.grid == (4, 4)
     with torch.inference_mode():
-        states = get_hidden_states(model, [0], **inputs)
+        states = get_hidden_states(model, layers=[0], **inputs)
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"])
     feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
@@ -153,7 +153,7 @@ def test_explain_image_matches_direct_search(tiny_bank_and_model, tmp_path):
     )
     vt = locate_visual_tokens(model, inputs["input_ids"], inputs["image_grid_thw"])
     with torch.inference_mode():
-        h = get_hidden_states(model, [3], **inputs)[3][0, vt.position(2, 1)]
+        h = get_hidden_states(model, layers=[3], **inputs)[3][0, vt.position(2, 1)]
     assert ex.neighbors[3][2 * 4 + 1] == index.search(h, top_k=3)[0]
     d = ex.to_dict(all_patches=True)
     patch = d["layers"]["3"]["patches"][9]
@@ -300,5 +300,5 @@ def test_explain_image_on_a_llava_style_model():
     )
     vt = locate_visual_tokens(model, inputs["input_ids"])
     with torch.inference_mode():
-        h = get_hidden_states(model, [2], **inputs)[2][0, vt.position(3, 0)]
+        h = get_hidden_states(model, layers=[2], **inputs)[2][0, vt.position(3, 0)]
     assert ex.neighbors[2][12] == index.search(h, top_k=2)[0]

@@ -143,6 +143,10 @@ class EmbeddingLens(Lens):
             excluded[min(v, len(tok)) :] = True
             if exclude_untrained:
                 excluded |= untrained_rows(self.weight)
+        finite = torch.isfinite(self.weight).all(dim=1).to(excluded.device)
+        if not bool(finite.all()):  # a NaN/inf row would poison every comparison
+            logger.warning("EmbeddingLens: %d non-finite embedding rows excluded", int((~finite).sum()))
+            excluded |= ~finite
         if bool(excluded.all()):
             raise ValueError("EmbeddingLens: every embedding row is excluded")
         self.excluded = excluded
@@ -185,17 +189,21 @@ class EmbeddingLens(Lens):
             flat, [self._rows], [self._norms], k + self._n_inner, precision=self.precision
         )
         scores, rows = hits.scores, hits.row
+        dead = rows < 0  # zero queries: no cosine, NaN scores and id -1
+        rows = rows.clamp_min(0)
         if self._n_inner:
             keep = ~self._inner_excluded[rows]  # [N, k + n]; at least k True per row
             order = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices
             scores = scores.gather(1, order[:, :k])
             rows = rows.gather(1, order[:, :k])
-        return scores.to(torch.float32).cpu(), (rows + self._lo).cpu()
+            dead = dead[:, :k]
+        ids = torch.where(dead, torch.full_like(rows, -1), rows + self._lo)
+        return scores.to(torch.float32).cpu(), ids.cpu()
 
     def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Prediction]]:
         """:class:`Prediction` lists (score = cosine) of each row of ``hidden`` ``[N, d]``."""
         scores, ids = self.topk(hidden, top_k)
         return [
-            [Prediction(self.decode(t), t, s) for s, t in zip(row_s, row_i, strict=True)]
+            [Prediction(self.decode(t), t, s) for s, t in zip(row_s, row_i, strict=True) if t >= 0]
             for row_s, row_i in zip(scores.tolist(), ids.tolist(), strict=True)
         ]

@@ -10,8 +10,10 @@ from torch import nn
 from torch.func import functional_call
 
 from latentlens.lenses.base import Lens, Prediction, TokenDecoder
+from latentlens.errors import UnsupportedArchitectureError
 from latentlens.models.registry import (
     finalize_logits,
+    get_arch,
     get_final_norm,
     get_output_embeddings,
     hidden_size,
@@ -19,6 +21,11 @@ from latentlens.models.registry import (
 
 # Working-set budget for one block of logits or of head rows converted to fp32 (bytes).
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` whose forward is Linear's own (not a subclass adding a scale)."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 class LogitLens(Lens):
@@ -54,6 +61,15 @@ class LogitLens(Lens):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         """Take the final norm and head from the registry (nothing is copied)."""
+        spec = get_arch(model)
+        if not spec.logits_verified:
+            raise UnsupportedArchitectureError(
+                f"cannot verify the logit path of {type(model).__name__}: discovery found no "
+                "final norm / head whose output equals the model's own logits (an unknown "
+                "logit post-processing?). Register the model with "
+                "latentlens.models.register_architecture(model_type, ArchSpec(final_norm=..., "
+                "logit_scale_attr=..., ...)) to use LogitLens on it."
+            )
         self.model = model
         self.norm = get_final_norm(model)
         self.head = get_output_embeddings(model)
@@ -61,6 +77,7 @@ class LogitLens(Lens):
         self.top_k = self._k(top_k)
         self.chunk_bytes = int(chunk_bytes)
         self._d = hidden_size(model)
+        self._vocab: int | None = None
         # fp32 copies of the norm's tensors (d values each) when the model is not fp32.
         self._norm_state: dict[str, torch.Tensor] | None = None
         state = {**dict(self.norm.named_parameters()), **dict(self.norm.named_buffers())}
@@ -78,14 +95,22 @@ class LogitLens(Lens):
     @property
     def vocab_size(self) -> int:
         """Number of logits (rows of the unembedding)."""
-        w = getattr(self.head, "weight", None)
-        if w is not None:
-            return int(w.shape[0])
-        return int(self.head.out_features)  # type: ignore[union-attr]
+        if self._vocab is None:
+            w = getattr(self.head, "weight", None)
+            if _plain_linear(self.head) and w is not None:
+                self._vocab = int(w.shape[0])
+            else:  # a composite head (e.g. RoBERTa's): ask it
+                with torch.inference_mode():
+                    probe = torch.zeros(1, self._d, device=self._device())
+                    dtype = next(self.head.parameters()).dtype
+                    self._vocab = int(self.head(probe.to(dtype)).shape[-1])
+        return self._vocab
 
     def _device(self) -> torch.device:
         w = getattr(self.head, "weight", None)
-        return w.device if w is not None else next(self.model.parameters()).device
+        if isinstance(w, torch.Tensor):
+            return w.device
+        return next(self.head.parameters(), next(self.model.parameters())).device
 
     @torch.inference_mode()
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -105,14 +130,15 @@ class LogitLens(Lens):
     def _vocab_blocks(self) -> list[tuple[int, int]]:
         v = self.vocab_size
         w = getattr(self.head, "weight", None)
-        if not isinstance(self.head, nn.Linear) or w is None or w.dtype == torch.float32:
+        if not _plain_linear(self.head) or w is None or w.dtype == torch.float32:
             return [(0, v)]  # fp32 weights are used in place; one block matches the model
         rows = max(16, self.chunk_bytes // (4 * self._d))
         return [(s, min(v, s + rows)) for s in range(0, v, rows)]
 
     def _block_logits(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Final logits of vocabulary ids ``start..end-1`` for fp32 normed states ``h``."""
-        if isinstance(self.head, nn.Linear):
+        if _plain_linear(self.head):
+            assert isinstance(self.head, nn.Linear)
             w = self.head.weight[start:end].float()
             b = self.head.bias[start:end].float() if self.head.bias is not None else None
             out = F.linear(h, w, b)

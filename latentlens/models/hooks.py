@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import numbers
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -100,7 +101,12 @@ def capture(
             raise StopForward
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        record(0, args[0] if args else kwargs["hidden_states"])
+        if args and isinstance(args[0], torch.Tensor):
+            record(0, args[0])
+        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            record(0, kwargs["hidden_states"])
+        else:  # a block whose first input has another name
+            record(0, next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
 
     def make_hook(layer: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -129,10 +135,74 @@ def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _check_finite(
+    states: dict[int, torch.Tensor], attention_mask: torch.Tensor | None, model: nn.Module
+) -> None:
+    """Raise on NaN/inf at real (unmasked) positions, e.g. an fp16 overflow."""
+    for layer, h in states.items():
+        real = h
+        if attention_mask is not None and attention_mask.shape == h.shape[:2]:
+            real = h[attention_mask.to(h.device).bool()]
+        if not bool(torch.isfinite(real).all()):
+            dtype = next((p.dtype for p in model.parameters()), None)
+            hint = (
+                " The model runs in float16, whose range some models overflow in early "
+                "layers: load it in bfloat16 or float32."
+                if dtype == torch.float16
+                else ""
+            )
+            raise FloatingPointError(
+                f"hidden state of layer {layer} holds NaN or inf values at real tokens.{hint}"
+            )
+
+
+@overload
 def get_hidden_states(
-    model: nn.Module, layers: int | Iterable[int], **inputs: Any
-) -> dict[int, torch.Tensor]:
-    """Run a forward pass that stops after the deepest requested layer; return its states.
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    layers: None = None,
+    check_finite: bool = True,
+    **inputs: Any,
+) -> tuple[torch.Tensor, ...]: ...
+
+
+@overload
+def get_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    layers: int | Iterable[int],
+    check_finite: bool = True,
+    **inputs: Any,
+) -> dict[int, torch.Tensor]: ...
+
+
+def get_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    layers: int | Iterable[int] | None = None,
+    check_finite: bool = True,
+    **inputs: Any,
+) -> tuple[torch.Tensor, ...] | dict[int, torch.Tensor]:
+    """Hidden states of a forward pass, indexed like HF's `hidden_states` (0 = embeddings).
+
+    Without `layers` (the original latentlens call) every layer 0..n comes back as a
+    tuple, so `hidden_states[27].squeeze(0)` works as with HF. With `layers=` only those
+    are captured, as a dict `{layer: tensor}`, and the forward stops after the deepest
+    one: later blocks, the final norm and the LM head never run.
 
     The module called has no LM head (see `registry.get_forward_module`): the text base
     model for text models, the inner multimodal model for VLMs (which merges vision
@@ -141,35 +211,53 @@ def get_hidden_states(
 
     Layers 0..n-1 equal HF's `output_hidden_states=True` values exactly. Layer n (the last
     block's output) is taken before the final norm, whereas HF's `hidden_states[n]` is
-    normed when `ArchSpec.last_hidden_is_normed` (all built-in architectures).
+    normed when `ArchSpec.last_hidden_is_normed` (most architectures).
 
     Args:
-        model: A registered HF model.
-        layers: Hidden-state indices in `[0, num_layers(model)]` (0 = embeddings).
-        **inputs: Model inputs, e.g. `input_ids` and `attention_mask` `[batch, seq]`, plus
-            `pixel_values`, `image_grid_thw`, `mm_token_type_ids` for a VLM. Tensors are
-            moved to the device of the input embeddings.
+        model: a HF model (registered, or discovered from its modules).
+        input_ids: `[batch, seq]` token ids (or pass `inputs_embeds=` in `inputs`).
+        attention_mask: `[batch, seq]`, 1 = real token, 0 = padding.
+        layers: hidden-state indices in `[0, num_layers(model)]`; default all.
+        check_finite: raise `FloatingPointError` when a state holds NaN/inf at a real
+            token (e.g. fp16 overflow; the message suggests bfloat16).
+        **inputs: further model inputs, e.g. `pixel_values`, `image_grid_thw`,
+            `mm_token_type_ids` for a VLM. Tensors are moved to the device of the input
+            embeddings.
 
     Returns:
-        `{layer: Tensor[batch, seq, d]}` in ascending layer order, in the model's dtype and
-        on its device. They are inference tensors: combine them with the model's weights
-        (final norm, LM head) under `torch.inference_mode()` or `torch.no_grad()`, or
-        `.clone()` them first.
+        A tuple of `n + 1` tensors `[batch, seq, d]` without `layers`, else
+        `{layer: Tensor[batch, seq, d]}` in ascending layer order; in the model's dtype
+        and on its device. They are inference tensors: combine them with the model's
+        weights under `torch.inference_mode()` or `torch.no_grad()`, or `.clone()` them.
 
     Raises:
-        ValueError: A layer is out of range, or `output_hidden_states` was passed.
-        RuntimeError: The forward pass ended without reaching a requested layer.
+        TypeError: `input_ids` is not a tensor (layers go in `layers=`).
+        ValueError: a layer is out of range, or `output_hidden_states` was passed.
+        RuntimeError: the forward pass ended without reaching a requested layer.
+        FloatingPointError: non-finite states (see `check_finite`).
     """
+    if input_ids is not None and not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            "get_hidden_states(model, input_ids, attention_mask=None, *, layers=None): "
+            f"input_ids must be a tensor, got {type(input_ids).__name__}; pass the layers "
+            "to capture as layers=[...]"
+        )
     if inputs.get("output_hidden_states"):
         raise ValueError(
             "get_hidden_states captures states itself; do not pass output_hidden_states"
         )
     inputs.pop("output_hidden_states", None)
-    wanted = validate_layers(layers, num_layers(model))
+    if input_ids is not None:
+        inputs["input_ids"] = input_ids
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
+    n_layers = num_layers(model)
+    wanted = validate_layers(range(n_layers + 1) if layers is None else layers, n_layers)
     runner = get_forward_module(model)
     device = get_input_embeddings(model).weight.device
     inputs = _to_device(inputs, device)
-    inputs["use_cache"] = False
+    if _accepts(runner, "use_cache"):
+        inputs["use_cache"] = False
     with torch.inference_mode(), capture(model, wanted, stop_early=True) as store:
         runner(**inputs)
     missing = [layer for layer in wanted if layer not in store]
@@ -177,4 +265,9 @@ def get_hidden_states(
         raise RuntimeError(
             f"the forward pass of {type(runner).__name__} never reached layers {missing}"
         )
-    return {layer: store[layer] for layer in wanted}
+    states = {layer: store[layer] for layer in wanted}
+    if check_finite:
+        _check_finite(states, inputs.get("attention_mask"), model)
+    if layers is None:
+        return tuple(states[layer] for layer in wanted)
+    return states

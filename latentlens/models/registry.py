@@ -42,6 +42,7 @@ Add an architecture
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -65,6 +66,7 @@ _TEXT_CONFIG_KEYS = (
     "hidden_size_attr",
     "logit_softcapping_attr",
     "logit_scale_attr",
+    "logit_divisor_attr",
 )
 
 
@@ -74,7 +76,10 @@ class ArchSpec:
 
     Attributes:
         layers: Path of the `nn.ModuleList` of decoder blocks in the text base model.
-        final_norm: Path of the norm applied after the last block.
+        final_norm: Path of the norm applied after the last block ("" when the head reads
+            the last block's output directly). For a discovered model this is whatever
+            module maps the last block's output to the head's input (a norm, BERT's
+            prediction transform, or a comma-joined chain of two applied in order).
         embed_tokens: Path of the token embedding module (for reference; use
             `get_input_embeddings`, which relies on HF's accessor).
         last_hidden_is_normed: Whether HF's `hidden_states[-1]` has the final norm applied.
@@ -93,6 +98,11 @@ class ArchSpec:
         logit_softcapping_attr: Config key of the final logit soft-cap (Gemma2):
             `logits = cap * tanh(logits / cap)`.
         logit_scale_attr: Config key of a multiplier applied to the logits (Cohere).
+        logit_divisor_attr: Config key of a divisor applied to the logits (Granite).
+        logits_verified: Whether `finalize_logits(head(final_norm(h)))` was checked to give
+            the model's own logits (registered entries: by the test-suite; discovered ones:
+            by the discovery forward). LogitLens refuses an unverified entry.
+        discovered: Made by `latentlens.models.discovery` rather than registered.
         num_layers_attr: Config key of the number of blocks.
         hidden_size_attr: Config key of the residual-stream width.
         text_config_attr: Config key of a VLM's text sub-config; its entry supplies the
@@ -118,6 +128,9 @@ class ArchSpec:
     embed_scale: EmbedScale | None = None
     logit_softcapping_attr: str | None = None
     logit_scale_attr: str | None = None
+    logit_divisor_attr: str | None = None
+    logits_verified: bool = True
+    discovered: bool = False
     num_layers_attr: str = "num_hidden_layers"
     hidden_size_attr: str = "hidden_size"
     text_config_attr: str | None = None
@@ -251,33 +264,47 @@ def get_config_attr(model_or_config: Any, path: str) -> Any:
 
 
 def get_arch(model_or_config: Any) -> ArchSpec:
-    """The registry entry of a model or config, with a VLM's text-side facts filled in.
+    """The architecture facts of a model or config: its registry entry, or discovered.
 
     Args:
         model_or_config: A Hugging Face model (anything with `.config`) or a config.
 
     Returns:
-        The resolved `ArchSpec`. For a VLM the text-side fields come from the entry of
-        its text sub-config, and config keys are prefixed (e.g. "text_config.hidden_size").
+        The resolved `ArchSpec`. A registered entry wins. For a VLM the text-side fields
+        come from the entry of its text sub-config, and config keys are prefixed (e.g.
+        "text_config.hidden_size"). A model whose type (or text type) is not registered
+        is described by `latentlens.models.discovery.discover` (module tree + one tiny
+        forward, cached per model).
 
     Raises:
-        UnsupportedArchitectureError: `config.model_type` (or a VLM's text model type) is
-            not registered.
+        UnsupportedArchitectureError: a config (not a model) of an unregistered type, or a
+            model whose pieces discovery cannot find (the message names the piece).
     """
+    from latentlens.models import discovery
+
     config = _config_of(model_or_config)
     model_type = MODEL_TYPE_ALIASES.get(config.model_type, config.model_type)
     spec = ARCHITECTURES.get(model_type)
+    is_model = isinstance(model_or_config, nn.Module)
     if spec is None:
+        if is_model:
+            return discovery.discover(model_or_config, None)
         raise UnsupportedArchitectureError(
             f"latentlens has no architecture entry for model_type {model_type!r} "
-            f"({type(config).__name__}). Known: {', '.join(sorted(ARCHITECTURES))}. "
-            "Describe it with latentlens.models.ArchSpec and add it with "
+            f"({type(config).__name__}); pass the model itself and its layout is discovered "
+            f"from its modules. Registered: {', '.join(sorted(ARCHITECTURES))}. To register "
+            "it, describe it with latentlens.models.ArchSpec and add it with "
             f"latentlens.models.register_architecture({model_type!r}, spec); the checklist is "
             "in the docstring of latentlens.models.registry."
         )
     if spec.text_config_attr is None:
         return spec
-    text_spec = get_arch(get_config_attr(config, spec.text_config_attr))
+    try:
+        text_spec = get_arch(get_config_attr(config, spec.text_config_attr))
+    except UnsupportedArchitectureError:
+        if is_model:
+            return discovery.discover(model_or_config, spec)
+        raise
     prefix = spec.text_config_attr + "."
     filled: dict[str, Any] = {
         name: getattr(text_spec, name)
@@ -288,6 +315,21 @@ def get_arch(model_or_config: Any) -> ArchSpec:
         key = getattr(text_spec, name)
         filled[name] = None if key is None else prefix + key
     return dataclasses.replace(spec, **filled, text_config_attr=None)
+
+
+def _config_key(model_or_config: Any, field: str) -> str:
+    """A config-key field of the spec; for an unregistered bare config, found by probing."""
+    try:
+        key = getattr(get_arch(model_or_config), field)
+    except UnsupportedArchitectureError:
+        if isinstance(model_or_config, nn.Module):
+            raise
+        from latentlens.models.discovery import config_keys
+
+        key = config_keys(_config_of(model_or_config)).get(field)
+        if key is None:
+            raise
+    return key
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -367,12 +409,12 @@ def get_forward_module(model: nn.Module) -> nn.Module:
 
 def num_layers(model_or_config: Any) -> int:
     """Number of decoder blocks of the (text) model; valid layers are 0..num_layers."""
-    return int(get_config_attr(model_or_config, get_arch(model_or_config).num_layers_attr))
+    return int(get_config_attr(model_or_config, _config_key(model_or_config, "num_layers_attr")))
 
 
 def hidden_size(model_or_config: Any) -> int:
     """Width d of the residual stream of the (text) model."""
-    return int(get_config_attr(model_or_config, get_arch(model_or_config).hidden_size_attr))
+    return int(get_config_attr(model_or_config, _config_key(model_or_config, "hidden_size_attr")))
 
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:
@@ -392,7 +434,11 @@ def get_final_norm(model: nn.Module) -> nn.Module:
     """The norm applied after the last block (input of the LM head)."""
     spec = get_arch(model)
     assert spec.final_norm is not None
-    return get_submodule(get_text_model(model), spec.final_norm)
+    if spec.final_norm == "":
+        return nn.Identity()
+    text_model = get_text_model(model)
+    chain = [get_submodule(text_model, p) for p in spec.final_norm.split(",")]
+    return chain[0] if len(chain) == 1 else nn.Sequential(*chain)
 
 
 def get_input_embeddings(model: nn.Module) -> nn.Embedding:
@@ -410,9 +456,12 @@ def get_output_embeddings(model: nn.Module) -> nn.Module:
         ValueError: `model` is a base model without a head (pass the `...ForCausalLM` /
             `...ForConditionalGeneration` model instead).
     """
+    spec = get_arch(model)
+    if spec.discovered:  # the module discovery verified against the model's logits
+        with contextlib.suppress(AttributeError):
+            return get_submodule(model, spec.lm_head)
     head = model.get_output_embeddings()  # type: ignore[operator]
     if head is None:
-        spec = get_arch(model)
         try:
             head = get_submodule(model, spec.lm_head)
         except AttributeError:
@@ -446,6 +495,10 @@ def finalize_logits(model_or_config: Any, logits: torch.Tensor) -> torch.Tensor:
         scale = get_config_attr(model_or_config, spec.logit_scale_attr)
         if scale is not None:
             logits = logits * scale
+    if spec.logit_divisor_attr is not None:
+        divisor = get_config_attr(model_or_config, spec.logit_divisor_attr)
+        if divisor:
+            logits = logits / divisor
     if spec.logit_softcapping_attr is not None:
         cap = get_config_attr(model_or_config, spec.logit_softcapping_attr)
         if cap is not None:

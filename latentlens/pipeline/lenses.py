@@ -123,7 +123,7 @@ class VLMSubject:
             )
             if tokens.grid != (self._grid, self._grid):
                 raise ValueError(f"expected a {self._grid}² token grid, got {tokens.grid}")
-            states = get_hidden_states(self.llm, wanted, **inputs)
+            states = get_hidden_states(self.llm, layers=wanted, **inputs)
             pos = tokens.positions.to(device)
             for x in wanted:
                 per_layer[x].append(states[x][0, pos])

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from latentlens.errors import DimensionMismatchError, InvalidQueryError
-from latentlens.search.inputs import RowNorms, SearchHits, prepare_queries
+from latentlens.search.inputs import RowNorms, SearchHits, checked_norms, prepare_queries
 from latentlens.search.precision import (
     FastBound,
     Precision,
@@ -45,6 +45,7 @@ __all__ = [
     "RowNorms",
     "SearchHits",
     "brute_force",
+    "checked_norms",
     "compute_dtype",
     "cpu_has_fast_bf16",
     "error_bound",
@@ -161,19 +162,55 @@ def search_banks(
         precision: ``"auto"``/``"fast"`` or ``"exact"`` (see :func:`search_layer`).
 
     Returns:
-        :class:`SearchHits` on the first bank's device, ties broken by (bank, row).
+        :class:`SearchHits` on the first bank's device, ties broken by (bank, row). A
+        zero query's row holds score NaN and bank / row -1 (no cosine is defined).
+
+    Raises:
+        BankFormatError: a bank holds a NaN/inf row.
+        InvalidQueryError: a NaN/inf query, no queries, or nothing to search.
     """
     if not banks:
         raise InvalidQueryError("nothing to search: no banks/layers selected")
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
     d = banks[0].shape[1]
-    q64 = prepare_queries(queries, d)
-    out_device = banks[0].device
-    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for b, (bank, nrm) in enumerate(zip(banks, norms, strict=True)):
         if bank.shape[1] != d:
             raise DimensionMismatchError(f"bank {b} has width {bank.shape[1]}, expected {d}")
+        nrm.check(f"bank {b}")
+    if sum(int(bank.shape[0]) for bank in banks) == 0:
+        raise InvalidQueryError("nothing to search: every selected bank is empty")
+    q64 = prepare_queries(queries, d, allow_zero=True)
+    out_device = banks[0].device
+    # A zero query has no cosine: it gets an empty result (score NaN, bank and row -1)
+    # and is left out of the search, so the rest of the batch is unharmed.
+    live = (q64 != 0).any(dim=1)
+    n_live = int(live.sum())
+    k_out = min(k, sum(int(bank.shape[0]) for bank in banks))
+    if n_live < q64.shape[0]:
+        scores = torch.full((q64.shape[0], k_out), float("nan"), dtype=torch.float64)
+        bank_ix = torch.full((q64.shape[0], k_out), -1, dtype=torch.int64)
+        out = SearchHits(scores.to(out_device), bank_ix.to(out_device), bank_ix.clone().to(out_device))
+        if n_live:
+            hits = _search_unit(q64[live], banks, norms, k, precision, chunk_bytes, query_block)
+            rows = live.nonzero()[:, 0].to(out_device)
+            out.scores[rows], out.bank[rows], out.row[rows] = hits.scores, hits.bank, hits.row
+        return out
+    return _search_unit(q64, banks, norms, k, precision, chunk_bytes, query_block)
+
+
+def _search_unit(
+    q64: torch.Tensor,
+    banks: Sequence[torch.Tensor],
+    norms: Sequence[RowNorms],
+    k: int,
+    precision: Precision,
+    chunk_bytes: int | None,
+    query_block: int,
+) -> SearchHits:
+    out_device = banks[0].device
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    for b, (bank, nrm) in enumerate(zip(banks, norms, strict=True)):
         if bank.shape[0] == 0:
             continue
         low = None
@@ -201,8 +238,7 @@ def search_banks(
             torch.cat([best[1], layer], dim=1).gather(1, order),
             torch.cat([best[2], r], dim=1).gather(1, order),
         )
-    if best is None:
-        raise InvalidQueryError("nothing to search: every selected bank is empty")
+    assert best is not None
     return SearchHits(scores=best[0], bank=best[1], row=best[2])
 
 

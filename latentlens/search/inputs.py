@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from latentlens.errors import DimensionMismatchError, InvalidQueryError
+from latentlens.errors import BankFormatError, DimensionMismatchError, InvalidQueryError
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,14 @@ class RowNorms:
         norm: ``[N]`` float64 norms on the bank's device (zero rows hold 1).
         inv: ``[N]`` float32 inverse norms on the bank's device (zero rows hold 0).
         max_deviation: ``max |norm − 1|`` over rows, used to skip rescaling for unit banks.
+        bad_row: the first row holding NaN or inf (-1 when all rows are finite); a search
+            over such a bank is refused (one NaN row would poison every comparison).
     """
 
     norm: torch.Tensor
     inv: torch.Tensor
     max_deviation: float
+    bad_row: int = -1
 
     @classmethod
     def of(cls, bank: torch.Tensor, chunk_rows: int | None = None) -> RowNorms:
@@ -53,26 +56,44 @@ class RowNorms:
         zero = norm == 0
         inv = torch.where(zero, torch.zeros_like(norm), 1.0 / norm.clamp_min(1e-300))
         norm = torch.where(zero, torch.ones_like(norm), norm)
-        dev = float((norm - 1).abs().max()) if norm.numel() else 0.0
-        return cls(norm=norm, inv=inv.to(torch.float32), max_deviation=dev)
+        finite = torch.isfinite(norm)
+        bad_row = -1 if bool(finite.all()) else int((~finite).nonzero()[0])
+        dev = float((norm - 1).abs()[finite].max()) if bool(finite.any()) else 0.0
+        return cls(norm=norm, inv=inv.to(torch.float32), max_deviation=dev, bad_row=bad_row)
+
+    def check(self, where: str) -> RowNorms:
+        """Raise `BankFormatError` when a row holds NaN or inf; returns self."""
+        if self.bad_row >= 0:
+            raise BankFormatError(
+                f"{where}: row {self.bad_row} contains NaN or inf values; a bank must be finite"
+            )
+        return self
+
+
+def checked_norms(bank: torch.Tensor, where: str) -> RowNorms:
+    """`RowNorms.of(bank)`, refusing non-finite rows (the message names ``where``)."""
+    return RowNorms.of(bank).check(where)
 
 
 # ── run-time path selection ───────────────────────────────────────────────────────────
 
 
-def prepare_queries(queries: torch.Tensor, d: int) -> torch.Tensor:
+def prepare_queries(queries: torch.Tensor, d: int, *, allow_zero: bool = False) -> torch.Tensor:
     """Validate and L2-normalise queries in float64.
 
     Args:
         queries: ``[d]`` or ``[Q, d]``, any float dtype and device.
         d: the bank's hidden size.
+        allow_zero: keep zero vectors (as zeros) instead of raising; the caller gives
+            them a per-query "no result".
 
     Returns:
-        ``[Q, d]`` float64 unit vectors on the queries' device.
+        ``[Q, d]`` float64 unit vectors (or zero rows) on the queries' device.
 
     Raises:
         DimensionMismatchError: the last dimension is not ``d``.
-        InvalidQueryError: no queries, a NaN/inf entry, or a zero vector.
+        InvalidQueryError: no queries, a NaN/inf entry, or (unless ``allow_zero``) a zero
+            vector.
     """
     if not isinstance(queries, torch.Tensor):
         queries = torch.as_tensor(queries)
@@ -95,7 +116,12 @@ def prepare_queries(queries: torch.Tensor, d: int) -> torch.Tensor:
         count = int(bad.sum())
         raise InvalidQueryError(f"query {first} contains NaN or inf ({count} such queries)")
     norms = q.norm(dim=1, keepdim=True)
-    if bool((norms == 0).any()):
-        first = int((norms[:, 0] == 0).nonzero()[0])
-        raise InvalidQueryError(f"query {first} is a zero vector: cosine similarity is undefined")
+    zero = norms == 0
+    if bool(zero.any()):
+        if not allow_zero:
+            first = int(zero[:, 0].nonzero()[0])
+            raise InvalidQueryError(
+                f"query {first} is a zero vector: cosine similarity is undefined"
+            )
+        norms = torch.where(zero, torch.ones_like(norms), norms)
     return q.div_(norms)

@@ -190,7 +190,9 @@ class FastBound:
     def lower(self, fast: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         """The smallest exact cosine a row with fast score ``fast`` can have (monotone)."""
         a = self.alpha if alpha is None else alpha
-        return fast - a - self.beta * fast.abs()
+        # -inf (a still-empty running top-k) stays -inf: beta * |-inf| is NaN when beta = 0
+        low = fast - a - self.beta * fast.abs()
+        return torch.where(torch.isfinite(fast), low, fast)
 
     def threshold(self, low: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         """The smallest fast score whose largest possible exact cosine is ``≥ low``.
@@ -199,7 +201,8 @@ class FastBound:
         """
         a = self.alpha if alpha is None else alpha
         x = low - a
-        return torch.where(x >= 0, x / (1 + self.beta), x / (1 - self.beta))
+        t = torch.where(x >= 0, x / (1 + self.beta), x / (1 - self.beta))
+        return torch.where(torch.isfinite(low), t, low)
 
 
 def _coefficients(
