@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from latentlens.errors import (
     BankFormatError,
+    BankNotFoundError,
     CorpusError,
     DimensionMismatchError,
     InvalidQueryError,
@@ -18,11 +19,12 @@ from latentlens.extract import auto_layers, build_index
 from latentlens.index import ContextualIndex, Neighbor
 from latentlens.interpret import InterpretResult, interpret
 from latentlens.lenses import EmbeddingLens, LatentLens, Lens, LogitLens, Prediction
-from latentlens.models import get_hidden_states, load_model
+from latentlens.models import MODEL_DEFAULTS, SUPPORTED_MODELS, get_hidden_states, load_model
 from latentlens.sharded import DistributedIndex, MultiDeviceIndex
 
 __all__ = [
     "BankFormatError",
+    "BankNotFoundError",
     "ContextualIndex",
     "CorpusError",
     "DimensionMismatchError",
@@ -35,9 +37,11 @@ __all__ = [
     "LayerNotFoundError",
     "Lens",
     "LogitLens",
+    "MODEL_DEFAULTS",
     "MultiDeviceIndex",
     "Neighbor",
     "Prediction",
+    "SUPPORTED_MODELS",
     "UnsupportedArchitectureError",
     "__version__",
     "auto_layers",

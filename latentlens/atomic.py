@@ -44,3 +44,19 @@ def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a UTF-8 JSON file."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def sweep_temporary(folder: str | os.PathLike[str]) -> int:
+    """Delete the temporary files `atomic_path` leaves when a process is killed mid-write.
+
+    Call it only where no other writer is active (e.g. before a build resumes).
+
+    Returns:
+        How many were removed.
+    """
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed

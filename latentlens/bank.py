@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import uuid
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,9 @@ _MANIFEST_KEYS = {
     "rows_per_layer",
     "build",
     "embedding_hash",
+    "bank_id",
 }
+BANK_ID_KEY = "bank_id"  # safetensors metadata key tying each file to one write
 
 
 @dataclass(frozen=True)
@@ -200,7 +204,18 @@ def to_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-def write_entries(root: Path, entries: Entries) -> None:
+def new_bank_id() -> str:
+    """A fresh id for one write of a bank: every file of that write carries it."""
+    return uuid.uuid4().hex
+
+
+def invalidate(root: Path) -> None:
+    """Remove the manifest first: a directory being (re)written never loads as complete."""
+    for name in (C.CONFIG_FILE, C.LEGACY_META_FILE):
+        (root / name).unlink(missing_ok=True)
+
+
+def write_entries(root: Path, entries: Entries, bank_id: str = "") -> None:
     """Write the shared entry table (atomically, file by file)."""
     with atomic_path(root / C.ENTRIES_FILE) as tmp:
         save_file(
@@ -210,6 +225,7 @@ def write_entries(root: Path, entries: Entries) -> None:
                 "position": entries.position.contiguous(),
             },
             str(tmp),
+            metadata={BANK_ID_KEY: bank_id},
         )
     write_json(root / C.CAPTIONS_FILE, entries.captions, indent=None)
     write_json(
@@ -217,7 +233,9 @@ def write_entries(root: Path, entries: Entries) -> None:
     )
 
 
-def write_layer(root: Path, layer: int, emb: torch.Tensor, entry: torch.Tensor | None) -> None:
+def write_layer(
+    root: Path, layer: int, emb: torch.Tensor, entry: torch.Tensor | None, bank_id: str = ""
+) -> None:
     """Write one layer file atomically (streamed rows are read in full first)."""
     if not isinstance(emb, torch.Tensor):
         emb = emb.read_all()
@@ -225,7 +243,7 @@ def write_layer(root: Path, layer: int, emb: torch.Tensor, entry: torch.Tensor |
     if entry is not None:
         tensors[C.ENTRY_KEY] = entry.detach().cpu().to(torch.int64).contiguous()
     with atomic_path(layer_path(root, layer)) as tmp:
-        save_file(tensors, str(tmp), metadata={"layer": str(layer)})
+        save_file(tensors, str(tmp), metadata={"layer": str(layer), BANK_ID_KEY: bank_id})
 
 
 _ST_DTYPES = {
@@ -245,8 +263,11 @@ class LayerWriter:
     must be written exactly once.
     """
 
-    def __init__(self, root: Path, layer: int, n: int, d: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, root: Path, layer: int, n: int, d: int, dtype: torch.dtype, bank_id: str = ""
+    ) -> None:
         """Prepare ``layer``'s file for ``n`` rows of width ``d`` stored as ``dtype``."""
+        self.bank_id = bank_id
         if dtype not in _ST_DTYPES:
             raise ValueError(f"cannot stream-write dtype {dtype}")
         self.path, self.layer, self.n, self.d, self.dtype = (
@@ -274,7 +295,7 @@ class LayerWriter:
                     "shape": [self.n, self.d],
                     "data_offsets": [0, nbytes],
                 },
-                "__metadata__": {"layer": str(self.layer)},
+                "__metadata__": {"layer": str(self.layer), BANK_ID_KEY: self.bank_id},
             },
             separators=(",", ":"),
         ).encode()
@@ -336,6 +357,7 @@ def make_manifest(
     num_entries: int,
     rows_per_layer: Mapping[int, int],
     extra: Mapping[str, Any] | None = None,
+    bank_id: str = "",
 ) -> dict[str, Any]:
     """The ``config.json`` content of a bank (known keys of ``extra`` are kept)."""
     from latentlens import __version__
@@ -350,14 +372,51 @@ def make_manifest(
         dtype=dtype_name(dtype),
         num_entries=int(num_entries),
         rows_per_layer={str(k): int(v) for k, v in sorted(rows_per_layer.items())},
+        bank_id=bank_id,
     )
     manifest.setdefault("model_name", "")
     return manifest
 
 
 def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
-    """Write config.json last: its presence marks a complete bank."""
+    """Write config.json last: its presence marks a complete bank.
+
+    Also writes the original release's ``metadata.json`` (layers, hidden_dim), so tools
+    written for it can discover the layers.
+    """
     write_json(root / C.CONFIG_FILE, dict(manifest))
+    write_json(
+        root / C.LEGACY_META_FILE,
+        {"layers": list(manifest["layers"]), "hidden_dim": int(manifest["hidden_dim"])},
+    )
+
+
+def _file_bank_id(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(BANK_ID_KEY)
+    except (SafetensorError, OSError) as e:
+        raise BankFormatError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def check_consistent(root: Path, manifest: Mapping[str, Any], layers: Sequence[int]) -> None:
+    """Cross-check the entry table and layer files against the manifest before use.
+
+    Every file of one write carries the manifest's ``bank_id``; a file left by another
+    (interrupted) write, or a row count that disagrees, is refused.
+
+    Raises:
+        BankFormatError: a file from another write, or counts that disagree.
+    """
+    bank_id = manifest.get("bank_id")
+    if bank_id:
+        for path in [root / C.ENTRIES_FILE, *(layer_path(root, x) for x in layers)]:
+            if path.exists() and _file_bank_id(path) != bank_id:
+                raise BankFormatError(
+                    f"{path.name} in {root} comes from another write of this bank (an "
+                    "interrupted save or rebuild?): its rows and entries may disagree. "
+                    "Rebuild or re-save the bank."
+                )
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -498,8 +557,35 @@ def legacy_layers(root: Path) -> list[int]:
     return sorted(found)
 
 
+MAX_INFLATION = 2.0  # uncompressed size a legacy .pt may claim, as a multiple of the file
+
+
+def check_inflation(path: Path, limit: float = MAX_INFLATION) -> None:
+    """Refuse a zip-format torch file whose records inflate far past its size on disk.
+
+    ``torch.save`` stores records uncompressed, so a genuine file inflates to about its own
+    size; a small file claiming gigabytes (compressed records) is refused before anything
+    is allocated.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            claimed = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BankFormatError(f"{path} is not a readable torch file: {e}") from e
+    if claimed > limit * size + 2**20:
+        raise BankFormatError(
+            f"refusing to load {path}: its records claim {claimed:,} bytes uncompressed, "
+            f"{claimed / max(size, 1):.0f}× the file's {size:,} bytes (torch.save writes "
+            "uncompressed records; this file is not one)"
+        )
+
+
 def safe_torch_load(path: Path) -> Any:
-    """``torch.load`` with weights-only unpickling; refuse anything that would run code."""
+    """``torch.load`` with weights-only unpickling, bounded in size; never runs code."""
+    check_inflation(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

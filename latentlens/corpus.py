@@ -39,7 +39,7 @@ def load_corpus(source: str | os.PathLike[str] | Iterable[str]) -> list[str]:
         elif suffix in (".jsonl", ".ndjson"):
             lines = _read_jsonl(path)
         elif suffix in (".txt", ""):
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = _split_lines(path.read_text(encoding="utf-8"))
         else:
             raise CorpusError(
                 f"corpus {path}: unknown extension {suffix!r} (use .txt, .csv or .jsonl)"
@@ -55,6 +55,11 @@ def load_corpus(source: str | os.PathLike[str] | Iterable[str]) -> list[str]:
     if not sentences:
         raise CorpusError(f"corpus {where} holds no non-blank sentences")
     return sentences
+
+
+def _split_lines(text: str) -> list[str]:
+    """Lines ended by \\n or \\r\\n only: U+2028, NEL, form feed etc. stay inside a line."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _read_csv(path: Path) -> list[str]:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from latentlens import bank as B
 from latentlens import distributed as D
-from latentlens.atomic import atomic_path, read_json, write_json
+from latentlens.atomic import atomic_path, read_json, sweep_temporary, write_json
 from latentlens.corpus import load_corpus
 from latentlens.errors import CorpusError, LatentLensError
 from latentlens.index import ContextualIndex
@@ -112,7 +112,8 @@ def build_index(
         model_name: Hub id or local path (loaded with :func:`latentlens.models.load_model`
             unless ``model`` is given; then only recorded).
         corpus: path (.txt/.csv/.jsonl) or list of sentences.
-        layers: hidden-state indices (0 = embeddings, i = output of block i); default
+        layers: hidden-state indices (0 = embeddings, i = output of block i); default: the
+            ``default_layers`` of ``model_name``'s ``latentlens.MODEL_DEFAULTS`` entry, else
             :func:`auto_layers`.
         max_contexts_per_token: cap per decoded token string (``None``: no cap).
         batch_size: sentences per forward pass (length-sorted to minimise padding).
@@ -141,6 +142,7 @@ def build_index(
         CorpusError: empty or unreadable corpus.
         ValueError: bad layers or settings.
     """
+    from latentlens.models.defaults import default_layers_for
     from latentlens.models.registry import num_layers
 
     sentences = load_corpus(corpus)
@@ -160,7 +162,9 @@ def build_index(
         model = model.to(run_device).eval()
     assert model is not None
     n_layers = num_layers(model)
-    chosen = sorted(set(layers)) if layers is not None else auto_layers(n_layers)
+    if layers is None:  # a MODEL_DEFAULTS entry, else the paper's rule
+        layers = default_layers_for(model_name) or auto_layers(n_layers)
+    chosen = sorted(set(layers))
     bad = [x for x in chosen if not 0 <= x <= n_layers]
     if bad:
         raise ValueError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
@@ -194,6 +198,11 @@ def build_index(
         )
     builder = _Builder(model, cfg, ids, plan, batch_size, shard_sentences, show_progress)
     root = Path(output_dir) if output_dir is not None else None
+    if root is not None and D.rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        B.invalidate(root)  # a bank being rebuilt never loads as complete
+        sweep_temporary(root)
+    D.barrier()
     vectors = builder.run(root, resume)
     if vectors is None and D.rank() != 0:  # a distributed build: rank 0 writes the bank
         D.barrier()
@@ -211,7 +220,7 @@ def build_index(
     if vectors is not None:
         return ContextualIndex(vectors, entries, manifest=manifest)
     assert root is not None  # streamed to disk: write the entry table and manifest last
-    B.write_entries(root, entries)
+    B.write_entries(root, entries, builder.bank_id)
     B.write_manifest(
         root,
         B.make_manifest(
@@ -221,6 +230,7 @@ def build_index(
             num_entries=len(entries),
             rows_per_layer=dict.fromkeys(cfg.layers, len(entries)),
             extra=manifest,
+            bank_id=builder.bank_id,
         ),
     )
     shutil.rmtree(root / _BUILD_DIR, ignore_errors=True)
@@ -262,6 +272,30 @@ def _compact_captions(entries: B.Entries) -> B.Entries:
     )
 
 
+def model_identity(model: torch.nn.Module) -> str:
+    """A digest of the model's name, revision, dtypes and (sampled) weights.
+
+    Every parameter contributes its name, shape, dtype and up to 4096 evenly strided
+    values, so other weights, another dtype or another checkpoint give another digest
+    at the cost of a few kilobytes per tensor.
+    """
+    config = getattr(model, "config", None)
+    h = hashlib.sha256()
+    for key in ("_name_or_path", "_commit_hash"):
+        h.update(f"{key}={getattr(config, key, '')};".encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_meta:  # offloaded: shape and dtype only
+                h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:meta;".encode())
+                continue
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            sample = flat[::step][:4096].to("cpu", torch.float32).contiguous()
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -295,12 +329,17 @@ class _Builder:
         # Length-sorted (longest first) so batches carry little padding; ties by corpus order.
         order = sorted(wanted, key=lambda s: (-len(ids[s]), s))
         self.wanted = wanted
+        self.shard_sentences = shard_sentences
         self.shards = [
             order[i : i + shard_sentences] for i in range(0, len(order), shard_sentences)
         ]
+        self.bank_id = B.new_bank_id()
 
     def fingerprint(self) -> str:
+        """Everything that changes the bank's bytes: settings, plan, sharding, batching, model."""
         h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
+        h.update(f"shard={self.shard_sentences};batch={self.batch_size};".encode())
+        h.update(model_identity(self.model).encode())
         for s, p, t in zip(self.plan.sentence, self.plan.position, self.plan.token_id, strict=True):
             h.update(f"{s},{p},{t};".encode())
         h.update(str(len(self.shards)).encode())
@@ -322,6 +361,7 @@ class _Builder:
         if build is not None:
             if me == 0:
                 self._prepare_dir(build, resume)
+                sweep_temporary(build)  # a killed writer's temporary files
             D.barrier()
             done = self._existing(build)
         mine = [i for i in range(len(self.shards)) if i % world == me and i not in done]
@@ -361,7 +401,9 @@ class _Builder:
         build = root / _BUILD_DIR
         first = self._read_shard(build / "shard_00000.safetensors")
         writers = {
-            layer: B.LayerWriter(root, layer, len(self.plan), v.shape[1], self.storage)
+            layer: B.LayerWriter(
+                root, layer, len(self.plan), v.shape[1], self.storage, self.bank_id
+            )
             for layer, v in first[1].items()
         }
         with contextlib.ExitStack() as stack:
@@ -392,7 +434,11 @@ class _Builder:
                 )
                 return done
             if resume and state:
-                logger.warning("%s holds shards of a different build; starting over", build)
+                logger.warning(
+                    "%s holds shards of a build with other settings, sharding, batch size or "
+                    "model weights; discarding them and starting over",
+                    build,
+                )
             shutil.rmtree(build)
         build.mkdir(parents=True)
         write_json(

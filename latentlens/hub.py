@@ -9,7 +9,7 @@ from pathlib import Path
 from latentlens import constants as C
 from latentlens.atomic import read_json
 from latentlens.bank import select_layers
-from latentlens.errors import BankFormatError
+from latentlens.errors import BankFormatError, LayerNotFoundError
 
 
 def download_bank(
@@ -38,6 +38,17 @@ def download_bank(
         )
 
     missing_errors = (EntryNotFoundError, LocalEntryNotFoundError)
+
+    def fetch_layer(layer: int, name: str) -> Path:
+        try:
+            return fetch(name)
+        except missing_errors as e:
+            offline = isinstance(e, LocalEntryNotFoundError)
+            where = "in the local cache (offline: HF_HUB_OFFLINE=1)" if offline else "on the Hub"
+            raise LayerNotFoundError(
+                f"layer {layer} of {repo_id} ({name}) is not {where}; download it while "
+                "online or ask for cached layers only"
+            ) from e
     try:
         config_path = fetch(C.CONFIG_FILE)
     except missing_errors:
@@ -49,7 +60,7 @@ def download_bank(
         for name in (C.ENTRIES_FILE, C.CAPTIONS_FILE, C.TOKENS_FILE):
             fetch(name)
         for layer in chosen:
-            fetch(C.LAYER_FILE.format(layer=layer))
+            fetch_layer(layer, C.LAYER_FILE.format(layer=layer))
         return config_path.parent
     try:
         meta_path = fetch(C.LEGACY_META_FILE)
@@ -62,5 +73,5 @@ def download_bank(
     available = [int(x) for x in meta.get("layers", [])] if isinstance(meta, dict) else []
     chosen = select_layers(available, layers, repo_id)
     for layer in chosen:
-        fetch(C.LEGACY_LAYER_FILE.format(layer=layer))
+        fetch_layer(layer, C.LEGACY_LAYER_FILE.format(layer=layer))
     return meta_path.parent

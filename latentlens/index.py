@@ -179,7 +179,14 @@ class ContextualIndex:
             return cls._from_legacy(root, layers, device, dtype)
         manifest = B.read_manifest(root)
         chosen = B.select_layers(manifest["layers"], layers, f"bank {root}")
+        B.check_consistent(root, manifest, chosen)
         entries = B.read_entries(root)
+        expected = manifest.get("num_entries")
+        if expected is not None and int(expected) != len(entries):
+            raise BankFormatError(
+                f"bank {root}: the manifest says {expected} entries, entries.safetensors "
+                f"holds {len(entries)} (an interrupted write?)"
+            )
         if mmap:
             if device.type != "cpu" or dtype is not None:
                 raise BankFormatError(
@@ -193,6 +200,12 @@ class ContextualIndex:
         embs, maps = {}, {}
         for layer in chosen:
             emb, entry = B.read_layer(root, layer, device=device)
+            want = (manifest.get("rows_per_layer") or {}).get(str(layer))
+            if want is not None and int(want) != emb.shape[0]:
+                raise BankFormatError(
+                    f"bank {root}: layer {layer} holds {emb.shape[0]} rows, the manifest "
+                    f"says {want} (an interrupted write?)"
+                )
             if emb.shape[1] != int(manifest["hidden_dim"]):
                 raise BankFormatError(
                     f"layer {layer} has width {emb.shape[1]}, manifest says {manifest['hidden_dim']}"
@@ -265,12 +278,14 @@ class ContextualIndex:
         """
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
-        B.write_entries(root, self.entries)
+        B.invalidate(root)  # first: an interrupted save never loads as complete
+        bank_id = B.new_bank_id()
+        B.write_entries(root, self.entries, bank_id)
         stored = self.dtype
         for layer, emb in self._layers.items():
             out = B.to_storage(emb, B.parse_dtype(dtype)) if dtype is not None else emb
             stored = out.dtype
-            B.write_layer(root, layer, out, self._entry_index[layer])
+            B.write_layer(root, layer, out, self._entry_index[layer], bank_id)
         manifest = B.make_manifest(
             hidden_dim=self.hidden_dim,
             layers=self.available_layers,
@@ -278,6 +293,7 @@ class ContextualIndex:
             num_entries=len(self.entries),
             rows_per_layer={k: int(v.shape[0]) for k, v in self._layers.items()},
             extra=self.manifest,
+            bank_id=bank_id,
         )
         B.write_manifest(root, manifest)
         return root

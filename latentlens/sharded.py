@@ -79,6 +79,7 @@ class _ShardedBase:
         self.root = root
         self.manifest = B.read_manifest(root)
         chosen = B.select_layers(self.manifest["layers"], layers, f"bank {root}")
+        B.check_consistent(root, self.manifest, chosen)
         self.layers = chosen
         self.entries = B.read_entries(root)
         self.hidden_dim = int(self.manifest["hidden_dim"])

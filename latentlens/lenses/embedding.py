@@ -157,6 +157,8 @@ class EmbeddingLens(Lens):
         self._inner_excluded = inner.to(self.weight.device)
         self._n_inner = int(inner.sum())
         self._rows = self.weight[self._lo : self._hi]
+        if not bool(finite.all()):  # zeroed (and excluded): a copy only in this rare case
+            self._rows = torch.nan_to_num(self._rows, nan=0.0, posinf=0.0, neginf=0.0)
         self._norms = RowNorms.of(self._rows)
         logger.debug(
             "EmbeddingLens: %d of %d rows excluded (%d inside the searched view)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from latentlens.models.defaults import MODEL_DEFAULTS, SUPPORTED_MODELS
+from latentlens.models.discovery import discover
 from latentlens.models.hooks import capture, get_hidden_states, validate_layers
 from latentlens.models.loading import (
     LoadedModel,
@@ -34,6 +36,9 @@ from latentlens.models.registry import (
 
 __all__ = [
     "ARCHITECTURES",
+    "MODEL_DEFAULTS",
+    "SUPPORTED_MODELS",
+    "discover",
     "MODEL_TYPE_ALIASES",
     "ArchSpec",
     "LoadedModel",

@@ -106,7 +106,8 @@ def load_model(
 
     Args:
         name_or_path: Hub id or local directory.
-        device: Where to move the model (ignored when `device_map` is in `kwargs`).
+        device: Where to move the model: default CUDA when available, else CPU (as the
+            original release); ignored when `device_map` is in `kwargs`.
         dtype: "float32", "float16", "bfloat16" (or "fp16", "bf16"), a `torch.dtype`,
             "auto", or `None` for transformers' default.
         **kwargs: Passed to `from_pretrained` of model, config and tokenizer where they
@@ -137,7 +138,9 @@ def load_model(
     if resolved is not None:
         kwargs["dtype"] = resolved
     model = auto_cls.from_pretrained(name_or_path, config=config, **kwargs)
-    if device is not None and "device_map" not in kwargs:
+    if "device_map" not in kwargs:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         model = model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **shared)

@@ -34,6 +34,7 @@ sort, so ties go to the lower layer, then the lower row.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -62,20 +63,38 @@ _GROUP = 64  # rows per group maximum
 _SEED_ROWS = 512  # rows of the first tile whose true top-k seeds the threshold
 
 
+_PRECISION_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _full_precision_reductions(device: torch.device) -> Iterator[None]:
-    """On CUDA, forbid reduced-precision split-K reductions so fp32 accumulation holds."""
+    """On CUDA, true fp32 matmuls: no TF32, no reduced-precision split-K reductions.
+
+    The bound assumes fp32 accumulation with u = 2⁻²⁴ (TF32 rounds inputs to 10 bits). The
+    flags are process-global, so they are set under a lock that is held until they are
+    restored: concurrent searches from several threads cannot restore them mid-way.
+    """
     if device.type != "cuda":
         yield
         return
     m = torch.backends.cuda.matmul
-    saved = (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction)
-    m.allow_fp16_reduced_precision_reduction = False
-    m.allow_bf16_reduced_precision_reduction = False
-    try:
-        yield
-    finally:
-        m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
+    with _PRECISION_LOCK:
+        saved = (
+            m.allow_tf32,
+            m.allow_fp16_reduced_precision_reduction,
+            m.allow_bf16_reduced_precision_reduction,
+        )
+        m.allow_tf32 = False
+        m.allow_fp16_reduced_precision_reduction = False
+        m.allow_bf16_reduced_precision_reduction = False
+        try:
+            yield
+        finally:
+            (
+                m.allow_tf32,
+                m.allow_fp16_reduced_precision_reduction,
+                m.allow_bf16_reduced_precision_reduction,
+            ) = saved
 
 
 # ── exact scores and the running exact top-k ──────────────────────────────────────────
