@@ -78,6 +78,15 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int,
     return time.perf_counter() - t, max(extra, 0), out
 
 
+def cpu_flags() -> str:
+    """The CPU model and the flags that decide bf16 speed (native vs emulated)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx512_fp16")
+    return f"{model}; " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
+
+
 def clustered_bank(
     rows: int, dim: int, centers: torch.Tensor, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -205,6 +214,8 @@ def main() -> None:
         for name in methods:
             ratios[name].append(round_t[name] / round_t["fp32 matmul"])
 
+    from latentlens.search.precision import measurements
+
     ref = results["ours exact-fp32"]
     got = results["ours auto"]
     agree = all(torch.equal(got[i], ref[i]) for i in (1, 2))  # type: ignore[index]
@@ -230,6 +241,12 @@ def main() -> None:
         f"ours auto == ours exact-fp32 (rows and layers): {agree}; "
         f"fast-pass candidates per (query, layer): {cands / (args.queries * args.layers):.1f}"
     )
+    print(f"cpu: {cpu_flags()}")
+    print(f"precision chosen by measurement (auto): {measurements()}")
+    auto_vs_exact = statistics.median(
+        a / e for a, e in zip(times["ours auto"], times["ours exact-fp32"], strict=True)
+    )
+    print(f"ours auto / ours exact-fp32 (median of per-round ratios): {auto_vs_exact:.2f}")
 
 
 if __name__ == "__main__":

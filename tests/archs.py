@@ -27,17 +27,12 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.tiny import BOS_ID, EOS_ID, PAD_ID, SENTENCES, VOCAB_SIZE, tiny_tokenizer
+from tests.tiny import _COMMON, BOS_ID, SENTENCES, tiny_tokenizer
 
 MAX_PARAMS = 3_000_000
 
 _SMALL: dict[str, Any] = {
-    "vocab_size": VOCAB_SIZE,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    **_COMMON,  # vocab 128, d=32, 3 layers, 4 heads, special ids
     "head_dim": 8,
     "max_position_embeddings": 128,
     "num_experts": 4,
@@ -72,9 +67,6 @@ _SMALL: dict[str, Any] = {
     "mamba_n_heads": 4,
     "mamba_d_head": 16,
     "mlp_hidden_size": 64,
-    "pad_token_id": PAD_ID,
-    "bos_token_id": BOS_ID,
-    "eos_token_id": EOS_ID,
     "tie_word_embeddings": False,
 }
 # Per-type fixes the generic sizes above do not fit.

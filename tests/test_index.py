@@ -82,9 +82,13 @@ def test_save_load_round_trip(index, tmp_path):
     index.save(tmp_path / "bank")
     files = sorted(p.name for p in (tmp_path / "bank").iterdir())
     assert files == sorted(
-        [C.CONFIG_FILE, C.ENTRIES_FILE, C.CAPTIONS_FILE, C.TOKENS_FILE]
+        [C.CONFIG_FILE, C.LEGACY_META_FILE, C.ENTRIES_FILE, C.CAPTIONS_FILE, C.TOKENS_FILE]
         + [C.LAYER_FILE.format(layer=x) for x in (1, 4, 8)]
     )
+    assert json.loads((tmp_path / "bank" / C.LEGACY_META_FILE).read_text()) == {
+        "layers": [1, 4, 8],
+        "hidden_dim": 32,
+    }
     manifest = json.loads((tmp_path / "bank" / C.CONFIG_FILE).read_text())
     assert manifest["hidden_dim"] == 32 and manifest["layers"] == [1, 4, 8]
     assert manifest["dtype"] == "float16" and manifest["num_entries"] == 120

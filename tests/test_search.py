@@ -216,7 +216,7 @@ def test_compute_dtype_policy():
     assert (
         compute_dtype(torch.device("cuda"), torch.float16, "fast", max_norm=1e5) == torch.bfloat16
     )
-    assert compute_dtype(torch.device("cuda"), torch.float8_e4m3fn, "auto") == torch.float16
+    assert compute_dtype(torch.device("cuda"), torch.float8_e4m3fn, "fast") == torch.float16
     with pytest.raises(ValueError, match="precision"):
         compute_dtype(cpu, torch.float16, "fastest")  # type: ignore[arg-type]
     # the bound shrinks with precision and grows with d
@@ -376,7 +376,7 @@ def test_band_of_near_ties_as_wide_as_the_bound(dtype):
 def test_run_time_path_selection_probes_the_bf16_kernel():
     cpu = torch.device("cpu")
     fast = compute_dtype(cpu, torch.float16, "fast")
-    if search_mod.cpu_has_fast_bf16() and precision_mod._bf16_matmul_accumulates_fp32("cpu"):
+    if precision_mod._bf16_matmul_accumulates_fp32("cpu"):  # native or emulated
         assert fast == torch.bfloat16
     else:
         assert fast == torch.float32
@@ -391,3 +391,31 @@ def test_empty_layer_and_fast_pass_counts():
     assert s.shape == (3, 0) and r.shape == (3, 0)
     bank = unit(500, 8)
     assert fast_pass(q64, bank, RowNorms.of(bank), 4) >= 3 * 4  # at least the top-k each
+
+
+@pytest.mark.parametrize("bf16_seconds, expected", [(0.5, torch.bfloat16), (3.0, torch.float32)])
+def test_auto_precision_is_measured_not_read_from_a_flag(monkeypatch, bf16_seconds, expected):
+    # a CPU that emulates bf16 (slower than fp32) must score in fp32; a native one in bf16
+    if not precision_mod._bf16_matmul_accumulates_fp32("cpu"):
+        pytest.skip("this CPU's bf16 kernel does not sum in fp32: bf16 is never a candidate")
+    monkeypatch.setattr(precision_mod, "_MEASURED", {})
+    monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: expected == torch.float32)
+    calls = []
+
+    def fake_time(rows, qc, compute):
+        calls.append(compute)
+        return bf16_seconds if compute == torch.bfloat16 else 1.0
+
+    monkeypatch.setattr(precision_mod, "_time_tile", fake_time)
+    cpu = torch.device("cpu")
+    assert compute_dtype(cpu, torch.float16, "auto", d=64) == expected
+    assert {torch.float32, torch.bfloat16} <= set(calls)
+    n = len(calls)
+    assert compute_dtype(cpu, torch.float16, "auto", d=64) == expected  # cached per process
+    assert len(calls) == n
+    assert compute_dtype(cpu, torch.float16, "exact", d=64) == torch.float32
+    assert precision_mod.measurements() == {"cpu float16 d=64": str(expected).split(".")[-1]}
+    # whatever is chosen, the answer is the fp64 one
+    bank = unit(3000, 64)
+    q = torch.randn(20, 64)
+    assert_same(run(q, [bank], 7, precision="auto"), reference(q, [bank], 7))

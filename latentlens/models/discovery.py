@@ -336,7 +336,6 @@ def _discover(model: nn.Module, base: Any) -> Any:
         notes=f"discovered from the module tree of {type(model).__name__}",
     )
     if base is not None:
-        fields = {k: v for k, v in fields.items() if k not in ("lm_head",)}
         spec = dataclasses.replace(base, **fields, text_config_attr=None)
     else:
         spec = ArchSpec(**fields)

@@ -1,10 +1,13 @@
 """Which dtype the fast pass multiplies in, and a proven bound on its error.
 
-**Path.** Picked at run time by :func:`compute_dtype`: bf16 on CPUs with native bf16
-(AVX512-BF16/AMX, after a one-time probe that the kernel really sums in fp32), fp16 or
-bf16 on CUDA (fp32 output when ``torch.mm(..., out_dtype=float32)`` exists), else fp32.
-``precision="exact"`` forces fp32 scoring (the reference path), ``"fast"``/``"auto"``
-the fast one. Banks stored as bf16 are fastest on CPU (no per-chunk conversion, ``ρ = 0``
+**Path.** Picked at run time by :func:`compute_dtype`, by *measurement*: the first
+search per device, storage dtype and width times one tile in fp32 and in each
+low-precision dtype whose bound holds there (bf16 on CPUs whose bf16 kernel passes a
+one-time probe that it sums in fp32; fp16 or bf16 on CUDA, fp32 output when
+``torch.mm(..., out_dtype=float32)`` exists) and keeps the fastest — never a capability
+flag, since CPUs without AVX512-BF16/AMX emulate bf16 at a third of fp32's speed.
+``precision="exact"`` forces fp32 scoring (the reference path), ``"fast"`` the
+low-precision one whenever valid. Banks stored as bf16 are fastest on CPU (no per-chunk conversion, ``ρ = 0``
 below); fp16 rows are converted chunk by chunk through fp32.
 
 **The bound** (``|f − c| ≤ ε(f) = α + β|f|``, :func:`fast_bound`). For a unit query ``q``
@@ -42,13 +45,18 @@ under- or overflow. Typical values (``d = 576``, CPU bf16): ``α ≈ 1.8·10⁻�
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 Precision = Literal["auto", "exact", "fast"]
+
+logger = logging.getLogger(__name__)
 
 _UNIT_ROUNDOFF = {
     torch.float64: 2.0**-53,
@@ -118,20 +126,38 @@ def _mm_fp32_out(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+def _low_precision_candidates(device: torch.device, storage: torch.dtype, max_norm: float) -> list[torch.dtype]:
+    """Low-precision compute dtypes whose bound holds on this device (correctness only)."""
+    if device.type == "cuda":
+        if storage in _LOW_PRECISION_STORAGE:
+            if storage == torch.float16 and max_norm > 1e4:
+                return [torch.bfloat16]
+            return [storage]
+        return [torch.bfloat16] if max_norm > 1e4 else [torch.float16]
+    if device.type == "cpu" and _bf16_matmul_accumulates_fp32("cpu"):
+        return [torch.bfloat16]
+    return []
+
+
 def compute_dtype(
     device: torch.device,
     storage: torch.dtype,
     precision: Precision,
     max_norm: float = 1.0,
     min_norm: float = 1.0,
+    d: int | None = None,
 ) -> torch.dtype:
     """The dtype the fast pass multiplies in, for a bank stored as ``storage``.
 
-    ``exact`` uses fp32. ``fast`` (and ``auto``) use bf16 on CPUs with native bf16 whose
-    kernel passes the fp32-accumulation probe (fp16 has no fast CPU kernel), fp16/bf16
-    on CUDA (the stored one when it is 16-bit; bf16 when rows are large enough for fp16
-    products to overflow), else fp32. Banks with row norms outside ``[2⁻⁴⁰, 2⁴⁰]`` (and
-    fp64 banks under ``exact``) are scored in fp32/fp64 as the bound requires.
+    ``exact`` uses fp32. ``fast`` uses the low-precision dtype whenever its bound holds
+    (bf16 on CPUs whose bf16 kernel sums in fp32 — native or emulated —, fp16/bf16 on
+    CUDA: the stored one when it is 16-bit, bf16 when rows are large enough for fp16
+    products to overflow). ``auto`` *measures*: the first search per (device, storage
+    dtype, width ``d``) times one representative tile in fp32 and in each valid
+    low-precision dtype and keeps the fastest (see :func:`measured_fastest`), so a CPU
+    that only emulates bf16 (AVX-512 without AVX512-BF16/AMX: a third of fp32's speed)
+    scores in fp32. Banks with row norms outside ``[2⁻⁴⁰, 2⁴⁰]`` (and fp64 banks under
+    ``exact``) are scored in fp32/fp64 as the bound requires.
     """
     if precision not in ("auto", "exact", "fast"):
         raise ValueError(f"precision must be 'auto', 'exact' or 'fast', got {precision!r}")
@@ -139,15 +165,79 @@ def compute_dtype(
         return torch.float64
     if precision == "exact" or storage == torch.float64:
         return torch.float32
-    if device.type == "cuda":
-        if storage in _LOW_PRECISION_STORAGE:
-            if storage == torch.float16 and max_norm > 1e4:
-                return torch.bfloat16
-            return storage
-        return torch.bfloat16 if max_norm > 1e4 else torch.float16
-    if device.type == "cpu" and cpu_has_fast_bf16() and _bf16_matmul_accumulates_fp32("cpu"):
-        return torch.bfloat16
-    return torch.float32
+    candidates = _low_precision_candidates(device, storage, max_norm)
+    if not candidates:
+        return torch.float32
+    if precision == "fast":
+        return candidates[0]
+    return measured_fastest(device, storage, d or 1024, tuple(candidates))
+
+
+_MEASURED: dict[tuple[str, torch.dtype, int, tuple[torch.dtype, ...]], torch.dtype] = {}
+_MEASURE_LOCK = threading.Lock()
+_TILE_QUERIES = 256  # one query block
+_TILE_BYTES = 8 * 2**20  # fp32 rows of the timed tile
+
+
+def _time_tile(rows: torch.Tensor, qc: torch.Tensor, compute: torch.dtype) -> float:
+    """Seconds of what the fast pass does per tile: convert the rows, multiply."""
+    sync = torch.cuda.synchronize if rows.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    rc = rows if rows.dtype == compute else rows.to(compute)
+    if compute != torch.float32 and _mm_fp32_out(rows.device.type, compute):
+        out = torch.mm(rc, qc.T, out_dtype=torch.float32)
+    else:
+        out = rc @ qc.T
+    del out
+    sync()
+    return time.perf_counter() - t0
+
+
+def measured_fastest(
+    device: torch.device, storage: torch.dtype, d: int, candidates: tuple[torch.dtype, ...]
+) -> torch.dtype:
+    """The fastest of fp32 and ``candidates`` for tiles of this bank shape, measured once.
+
+    Times one tile (``8 MiB`` of fp32 rows × 256 queries) in each dtype, interleaved,
+    median of 3, and keeps a low-precision dtype only when it is at least 10% faster than fp32
+    (it also costs a wider bound, so more rows to re-rank). The result is cached for the
+    process per (device, storage dtype, width, candidates).
+    """
+    key = (str(device), storage, int(d), candidates)
+    with _MEASURE_LOCK:
+        if key in _MEASURED:
+            return _MEASURED[key]
+        n = max(256, min(8192, _TILE_BYTES // (4 * d)))
+        gen = torch.Generator().manual_seed(0)
+        rows = torch.randn(n, d, generator=gen).div_(math.sqrt(d)).to(device)
+        rows = rows.to(storage) if storage in _LOW_PRECISION_STORAGE + _FP8_DTYPES else rows
+        q = torch.randn(_TILE_QUERIES, d, generator=gen).to(device)
+        qs = {c: q.to(c) for c in (torch.float32, *candidates)}
+        for c, qc in qs.items():  # warm up kernels and caches
+            _time_tile(rows, qc, c)
+        times: dict[torch.dtype, list[float]] = {c: [] for c in qs}
+        for _ in range(3):  # interleaved, so a busy machine slows every dtype alike
+            for c, qc in qs.items():
+                times[c].append(_time_tile(rows, qc, c))
+        median = {c: sorted(t)[1] for c, t in times.items()}
+        best = min(candidates, key=lambda c: median[c])
+        chosen = best if median[best] < 0.9 * median[torch.float32] else torch.float32
+        _MEASURED[key] = chosen
+        logger.info(
+            "search precision on %s for %s rows of width %d: %s (tile times %s)",
+            device, storage, d, chosen,
+            ", ".join(f"{str(c).removeprefix('torch.')} {t * 1e3:.2f} ms" for c, t in median.items()),
+        )
+        return chosen
+
+
+def measurements() -> dict[str, str]:
+    """The choices :func:`measured_fastest` made in this process (for benchmarks / logs)."""
+    return {
+        f"{dev} {str(st).removeprefix('torch.')} d={d}": str(c).removeprefix("torch.")
+        for (dev, st, d, _), c in _MEASURED.items()
+    }
 
 
 # ── the bound ─────────────────────────────────────────────────────────────────────────

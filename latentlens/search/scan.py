@@ -185,7 +185,7 @@ def _plan(
     # zero rows hold norm 1: min/max over all rows can only widen the range (conservative)
     min_norm = float(norms.norm.min()) if n else 1.0
     max_norm = float(norms.norm.max()) if n else 1.0
-    compute = compute_dtype(device, bank.dtype, precision, max_norm, min_norm)
+    compute = compute_dtype(device, bank.dtype, precision, max_norm, min_norm, d)
     out_fp32 = compute in (torch.float32, torch.float64) or _mm_fp32_out(device.type, compute)
     q_fast = q64.to(compute)
     bound = fast_bound(
