@@ -9,18 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.archs import Outcome, causal_lm_types, check
-
-# Types whose tiny models build but cannot pass, with the reason (README table).
-KNOWN_FAILING = {
-    "deepseek_v4": "residual stream of 4 parallel streams (hyper-connections)",
-    "hy_v4": "residual stream of 4 parallel streams (hyper-connections)",
-    "qwen4_exp_text": "residual stream of 4 parallel streams (hyper-connections)",
-    "dory": "looped blocks: the last block runs more than once per forward",
-    "hrm_text": "hierarchical recurrent blocks: no block list of the config's length",
-    "xlm": "no block modules (attention / FFN / norms in separate ModuleLists)",
-    "inkling_text": "head input rescaled and vocabulary truncated inside the forward",
-}
+from tests.archs import KNOWN_FAILING, Outcome, causal_lm_types, check
 
 _OUTCOMES: dict[str, Outcome] = {}
 

@@ -12,8 +12,10 @@ from typing import Any, overload
 import torch
 from torch import nn
 
+from latentlens.errors import UnsupportedArchitectureError
 from latentlens.models.registry import (
     get_blocks,
+    hidden_size,
     get_forward_module,
     get_input_embeddings,
     num_layers,
@@ -266,6 +268,15 @@ def get_hidden_states(
             f"the forward pass of {type(runner).__name__} never reached layers {missing}"
         )
     states = {layer: store[layer] for layer in wanted}
+    d = hidden_size(model)
+    for layer, h in states.items():
+        if h.ndim != 3 or h.shape[-1] != d:
+            raise UnsupportedArchitectureError(
+                f"layer {layer} of {type(model).__name__} has shape {tuple(h.shape)}, not "
+                f"[batch, seq, {d}]: its residual stream is not one d-wide vector per token "
+                "(several parallel streams, as with hyper-connections?), which a contextual "
+                "bank cannot hold"
+            )
     if check_finite:
         _check_finite(states, inputs.get("attention_mask"), model)
     if layers is None:

@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from latentlens.errors import UnsupportedArchitectureError
 from latentlens.models.registry import MODEL_TYPE_ALIASES, ArchSpec, get_arch
 
 logger = logging.getLogger(__name__)
@@ -146,8 +145,8 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **shared)
     _set_pad_token(tokenizer)
     try:
-        get_arch(model)
-    except UnsupportedArchitectureError as err:
+        get_arch(model)  # registered, or discovered now (one tiny forward) and cached
+    except Exception as err:  # noqa: BLE001 - loading still succeeds; the lenses will say why
         logger.warning("%s", err)
     logger.info(
         "loaded %s (%s, %s) in %.1f s",

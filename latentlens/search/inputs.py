@@ -82,7 +82,8 @@ def prepare_queries(queries: torch.Tensor, d: int, *, allow_zero: bool = False) 
     """Validate and L2-normalise queries in float64.
 
     Args:
-        queries: ``[d]`` or ``[Q, d]``, any float dtype and device.
+        queries: ``[d]``, ``[Q, d]`` or ``[..., d]`` (leading dims flattened, row-major),
+            any float dtype and device.
         d: the bank's hidden size.
         allow_zero: keep zero vectors (as zeros) instead of raising; the caller gives
             them a per-query "no result".
@@ -99,8 +100,12 @@ def prepare_queries(queries: torch.Tensor, d: int, *, allow_zero: bool = False) 
         queries = torch.as_tensor(queries)
     if queries.ndim == 1:
         queries = queries.unsqueeze(0)
+    if queries.ndim > 2 and queries.shape[-1] == d:  # e.g. [1, seq, d] straight from a model
+        queries = queries.reshape(-1, d)
     if queries.ndim != 2:
-        raise InvalidQueryError(f"queries must be [d] or [Q, d], got shape {tuple(queries.shape)}")
+        raise InvalidQueryError(
+            f"queries must be [d], [Q, d] or [..., d], got shape {tuple(queries.shape)}"
+        )
     if queries.shape[1] != d:
         raise DimensionMismatchError(
             f"query width {queries.shape[1]} does not match the bank's hidden size {d}"
