@@ -1,8 +1,13 @@
-"""latentlens: read the hidden states of (vision-)language models through contextual banks."""
+"""latentlens: read the hidden states of (vision-)language models through contextual banks.
+
+Names are imported on first use (PEP 562), so ``import latentlens`` and the
+``latentlens --help`` command do not load torch or transformers.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from latentlens.errors import (
     BankFormatError,
@@ -14,13 +19,60 @@ from latentlens.errors import (
     LayerNotFoundError,
     UnsupportedArchitectureError,
 )
-from latentlens.corpus import load_corpus
-from latentlens.extract import auto_layers, build_index
-from latentlens.index import ContextualIndex, Neighbor
-from latentlens.interpret import InterpretResult, interpret
-from latentlens.lenses import EmbeddingLens, LatentLens, Lens, LogitLens, Prediction
-from latentlens.models import MODEL_DEFAULTS, SUPPORTED_MODELS, get_hidden_states, load_model
-from latentlens.sharded import DistributedIndex, MultiDeviceIndex
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "load_corpus": "latentlens.corpus",
+    "auto_layers": "latentlens.extract",
+    "build_index": "latentlens.extract",
+    "ContextualIndex": "latentlens.index",
+    "Neighbor": "latentlens.index",
+    "InterpretResult": "latentlens.interpret",
+    "interpret": "latentlens.interpret",
+    "EmbeddingLens": "latentlens.lenses",
+    "LatentLens": "latentlens.lenses",
+    "Lens": "latentlens.lenses",
+    "LogitLens": "latentlens.lenses",
+    "Prediction": "latentlens.lenses",
+    "MODEL_DEFAULTS": "latentlens.models.defaults",
+    "SUPPORTED_MODELS": "latentlens.models.defaults",
+    "get_hidden_states": "latentlens.models.hooks",
+    "load_model": "latentlens.models.loading",
+    "DistributedIndex": "latentlens.sharded",
+    "MultiDeviceIndex": "latentlens.sharded",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from latentlens.corpus import load_corpus
+    from latentlens.extract import auto_layers, build_index
+    from latentlens.index import ContextualIndex, Neighbor
+    from latentlens.interpret import InterpretResult, interpret
+    from latentlens.lenses import EmbeddingLens, LatentLens, Lens, LogitLens, Prediction
+    from latentlens.models.defaults import MODEL_DEFAULTS, SUPPORTED_MODELS
+    from latentlens.models.hooks import get_hidden_states
+    from latentlens.models.loading import load_model
+    from latentlens.sharded import DistributedIndex, MultiDeviceIndex
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    try:  # a submodule: latentlens.models, latentlens.search, ...
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BankFormatError",

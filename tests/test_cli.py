@@ -163,3 +163,25 @@ def test_interpret_as_subprocess(tiny_model_and_bank, tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert "== logit lens" in out.stdout and "layer 3" in out.stdout
     assert json.loads((tmp_path / "p.json").read_text())["tokens"][-1] == "sleeps"
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys, latentlens, latentlens.cli; "
+        "from click.testing import CliRunner; "
+        "r = CliRunner().invoke(latentlens.cli.main, ['--help']); "
+        "assert r.exit_code == 0, r.output; "
+        "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lazy_package_exports_every_public_name():
+    import latentlens
+
+    for name in latentlens.__all__:
+        assert getattr(latentlens, name) is not None, name
+    assert latentlens.SUPPORTED_MODELS is latentlens.models.MODEL_DEFAULTS
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        latentlens.nope  # noqa: B018
