@@ -240,7 +240,7 @@ class MolmoModel(nn.Module):
             KeyError: unknown model name.
             CheckpointError: the connector file is missing, unsafe or does not match.
         """
-        from latentlens.models.loading import _load_config, load_model
+        from latentlens.models import load_config, load_model
 
         config = name if isinstance(name, MolmoConfig) else get_config(name)
         torch_dtype = resolve_dtype(dtype, device)
@@ -252,7 +252,7 @@ class MolmoModel(nn.Module):
 
         hub: dict[str, Any] = {k: v for k, v in (("cache_dir", cache_dir), ("token", token)) if v}
         llm_source = str(llm_path or config.llm.hub_id)
-        hf_config = _load_config(llm_source, **hub)
+        hf_config = load_config(llm_source, **hub)
         hf_config.rms_norm_eps = config.llm.rms_norm_eps
         llm, tokenizer = load_model(
             llm_source, device=device, dtype=torch_dtype, config=hf_config, **hub

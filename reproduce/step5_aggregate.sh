@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Step 5: Scores JSON, figures and a table beside the paper's numbers.
-# A thin wrapper: every flag goes to `python -m latentlens.pipeline aggregate` (see --help).
+# A thin wrapper: every flag goes to `python -m reproduce aggregate` (see --help).
 # Skips the work that is already done; --force redoes it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # works before `pip install -e .` too
-exec "${PYTHON:-$(command -v python || command -v python3)}" -m latentlens.pipeline aggregate "$@"
+exec "${PYTHON:-$(command -v python || command -v python3)}" -m reproduce aggregate "$@"

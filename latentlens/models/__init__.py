@@ -8,6 +8,7 @@ from latentlens.models.hooks import capture, get_hidden_states, validate_layers
 from latentlens.models.loading import (
     LoadedModel,
     default_cache_dir,
+    load_config,
     load_model,
     load_processor,
     load_smollm2,
@@ -58,6 +59,7 @@ __all__ = [
     "get_text_model",
     "hidden_size",
     "image_token_id",
+    "load_config",
     "load_model",
     "load_processor",
     "load_smollm2",

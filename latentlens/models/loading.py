@@ -57,7 +57,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
         ) from None
 
 
-def _load_config(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+def load_config(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
     """`AutoConfig.from_pretrained`, renaming model types listed in `MODEL_TYPE_ALIASES`."""
     from transformers import AutoConfig, PretrainedConfig
 
@@ -131,7 +131,7 @@ def load_model(
         )
         if k in kwargs
     }
-    config = kwargs.pop("config", None) or _load_config(name_or_path, **shared)
+    config = kwargs.pop("config", None) or load_config(name_or_path, **shared)
     auto_cls = _auto_class(config)
     resolved = _resolve_dtype(dtype)
     if resolved is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from latentlens.evaluation.names import CONNECTOR_MODELS, QWEN2VL
+from reproduce.judge.names import CONNECTOR_MODELS, QWEN2VL
 
 ModelKind = Literal["molmo", "qwen2vl"]
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from latentlens.pipeline.layout import Layout, bank_name, parse_models, run_folder
-from latentlens.pipeline.pixmo import (
+from reproduce.layout import Layout, bank_name, parse_models, run_folder
+from reproduce.data.pixmo import (
     HubListing,
     ImageRow,
     ImageSourceError,
@@ -248,7 +248,7 @@ def _cached_repo(cache: Path, repo: str, files: dict[str, bytes]) -> None:
 
 def test_step1_downloads_only_what_is_asked_from_the_offline_cache(tmp_path: Path):
     from latentlens.index import ContextualIndex
-    from latentlens.pipeline.download import download
+    from reproduce.steps.download import download
     from molmo.checkpoint import read_checkpoint
     from molmo.testing import synthetic_connector, tiny_config
 
@@ -285,7 +285,7 @@ def test_step1_downloads_only_what_is_asked_from_the_offline_cache(tmp_path: Pat
 
 
 def test_vg_phrases(tmp_path: Path):
-    from latentlens.pipeline.banks import vg_phrases
+    from reproduce.steps.banks import vg_phrases
 
     src = tmp_path / "region_descriptions.json"
     src.write_text(

@@ -19,9 +19,9 @@ from typing import Any, Literal
 import torch
 
 from latentlens.atomic import write_json
-from latentlens.evaluation.names import LENSES, QWEN2VL
+from reproduce.judge.names import LENSES, QWEN2VL
 from latentlens.explain import DEFAULT_PROMPT
-from latentlens.pipeline.layout import (
+from reproduce.layout import (
     QWEN2VL_BANK,
     QWEN2VL_HUB_ID,
     QWEN2VL_IMAGE_SIZE,
@@ -32,7 +32,7 @@ from latentlens.pipeline.layout import (
     read_json_or_none,
     run_folder,
 )
-from latentlens.pipeline.pixmo import (
+from reproduce.data.pixmo import (
     HubListing,
     ImageRecord,
     ImageRow,
@@ -237,7 +237,7 @@ def llm_depth(model: str, tiny: bool = False) -> int:
     from molmo.config import get_config
 
     if tiny:
-        from latentlens.pipeline.tiny import LAYERS
+        from reproduce.data.tiny import LAYERS
 
         return LAYERS
     if model_kind(model) == "qwen2vl":
@@ -295,7 +295,7 @@ def load_subject(
     run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model_kind(model) == "molmo":
         if tiny:
-            from latentlens.pipeline.tiny import load_tiny_molmo
+            from reproduce.data.tiny import load_tiny_molmo
 
             return load_tiny_molmo(layout, model, device=run_device)
         import molmo
@@ -306,7 +306,7 @@ def load_subject(
     path = str(layout.models / QWEN2VL) if tiny else QWEN2VL_HUB_ID
     size = QWEN2VL_IMAGE_SIZE
     if tiny:
-        from latentlens.pipeline.tiny import read_tiny
+        from reproduce.data.tiny import read_tiny
 
         size = int(read_tiny(layout)["qwen2vl_image_size"])
     run_dtype = dtype or ("float16" if run_device.startswith("cuda") else "float32")

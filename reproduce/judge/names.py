@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from latentlens.evaluation.render import Encoder
+from reproduce.judge.render import Encoder
 
 LLMS = ("olmo", "llama", "qwen")
 ENCODER_SHORT = ("vit", "dino", "siglip")  # CLIP ViT-L/14-336, DINOv2-L/14, SigLIP so400m

@@ -1,6 +1,6 @@
-"""``python -m latentlens.pipeline``: the paper's pipeline, one command per step (reproduce/*.sh).
+"""``python -m reproduce``: the paper's pipeline, one command per step (reproduce/*.sh).
 
-Each command only parses options, calls :mod:`latentlens.pipeline` and reports. Every step
+Each command only parses options, calls :mod:`reproduce` and reports. Every step
 skips the work whose outputs are already there (``--force`` redoes it).
 """
 
@@ -52,8 +52,8 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _setup(out: str | None, tiny: bool, models: str | None) -> tuple[Any, list[str]]:
-    from latentlens.pipeline.layout import Layout, parse_models
-    from latentlens.pipeline.tiny import TINY_MODELS
+    from reproduce.layout import Layout, parse_models
+    from reproduce.data.tiny import TINY_MODELS
 
     layout = Layout.at(out or (DEFAULT_TINY_OUT if tiny else DEFAULT_OUT))
     names = parse_models(models, TINY_MODELS) if tiny else parse_models(models)
@@ -112,8 +112,8 @@ def download(
     Only what is asked for; resumable; with HF_HUB_OFFLINE=1 everything comes from the local
     cache. With --tiny, make the tiny models, corpus and images instead (offline).
     """
-    from latentlens.pipeline.download import download as run_download
-    from latentlens.pipeline.download import setup_tiny_step
+    from reproduce.steps.download import download as run_download
+    from reproduce.steps.download import setup_tiny_step
 
     layout, names = _setup(out, tiny, models)
     if tiny:
@@ -184,8 +184,8 @@ def extract(
     dtype: str | None,
 ) -> None:
     """Step 2: build a bank per LLM in paper mode (reservoir cap 20, seed 42, fp8), resumably."""
-    from latentlens.pipeline.banks import PaperBankSettings, extract_banks
-    from latentlens.pipeline.layout import bank_name
+    from reproduce.steps.banks import PaperBankSettings, extract_banks
+    from reproduce.layout import bank_name
 
     layout, names = _setup(out, tiny, models)
     wanted = _names(banks) or list(dict.fromkeys(bank_name(m) for m in names))
@@ -193,7 +193,7 @@ def extract(
         wanted = [b for b in wanted if b != "qwen2vl"]
     sources = None
     if tiny:
-        from latentlens.pipeline.tiny import read_tiny, tiny_llm_path
+        from reproduce.data.tiny import read_tiny, tiny_llm_path
 
         info = read_tiny(layout)
         corpus = corpus or info["corpus"]
@@ -280,14 +280,14 @@ def lenses(
 ) -> None:
     """Step 3: the three lenses at every layer of each model, over N evaluation images."""
     from latentlens import distributed as D
-    from latentlens.evaluation.names import LENSES
-    from latentlens.pipeline.lenses import PIXMO_SOURCE, images_for_run, run_model
-    from latentlens.pipeline.pixmo import ImageSourceError
+    from reproduce.judge.names import LENSES
+    from reproduce.steps.lenses import PIXMO_SOURCE, images_for_run, run_model
+    from reproduce.data.pixmo import ImageSourceError
 
     D.init_from_env()  # under torchrun the images are split across the ranks
     layout, names = _setup(out, tiny, models)
     if tiny:
-        from latentlens.pipeline.tiny import read_tiny
+        from reproduce.data.tiny import read_tiny
 
         source = source or read_tiny(layout)["images"]
     n = num_images or (6 if tiny else 100)
@@ -395,18 +395,18 @@ def judge(
     """Step 4: judge every (lens, model) with an LLM; resumable, no patch judged twice."""
     import dataclasses
 
-    from latentlens.evaluation.client import FatalJudgeError, JudgeConfig
-    from latentlens.evaluation.names import LENSES
-    from latentlens.pipeline.judging import judge_all
+    from reproduce.judge.client import FatalJudgeError, JudgeConfig
+    from reproduce.judge.names import LENSES
+    from reproduce.steps.judging import judge_all
 
     layout, names = _setup(out, tiny, models)
     if patches_per_layer is None:
-        from latentlens.pipeline.pixmo import read_manifest
+        from reproduce.data.pixmo import read_manifest
 
         patches_per_layer = len(read_manifest(layout.images) or [None]) if tiny else 100
     server = None
     if fake_judge or (tiny and not base_url):
-        from latentlens.evaluation.fake import FakeJudgeServer
+        from reproduce.judge.fake import FakeJudgeServer
 
         server = FakeJudgeServer().start()
         base_url, judge_model = server.url, judge_model or "fake-judge"
@@ -464,7 +464,7 @@ def judge(
 @click.option("--dpi", default=150, show_default=True)
 def aggregate(out: str | None, tiny: bool, models: str | None, force: bool, dpi: int) -> None:
     """Step 5: {lens: {model: {layer: percent}}} JSON, figures, table beside the paper."""
-    from latentlens.pipeline.judging import aggregate_step
+    from reproduce.steps.judging import aggregate_step
 
     layout, _ = _setup(out, tiny, models)
     try:
@@ -483,7 +483,7 @@ def aggregate(out: str | None, tiny: bool, models: str | None, force: bool, dpi:
 @click.argument("out_txt", type=click.Path(dir_okay=False))
 def vg_phrases_cmd(region_descriptions: str, out_txt: str) -> None:
     """Write Visual Genome region phrases (one per line) from region_descriptions.json."""
-    from latentlens.pipeline.banks import vg_phrases
+    from reproduce.steps.banks import vg_phrases
 
     n = vg_phrases(region_descriptions, out_txt)
     click.echo(f"wrote {n:,} phrases to {out_txt} (the paper's corpus has 2,992,111)")

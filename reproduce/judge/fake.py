@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from latentlens.evaluation.client import PATCH_KEY_HEADER
-from latentlens.evaluation.prompt import parse_prompt_words
+from reproduce.judge.client import PATCH_KEY_HEADER
+from reproduce.judge.prompt import parse_prompt_words
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from latentlens import constants as C
-from latentlens.evaluation.names import QWEN2VL
-from latentlens.pipeline.layout import QWEN2VL_HUB_ID, Layout, read_json_or_none
+from reproduce.judge.names import QWEN2VL
+from reproduce.layout import QWEN2VL_HUB_ID, Layout, read_json_or_none
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
 """The paper's pipeline behind ``reproduce/*.sh``: download, banks, lenses, judge, report.
 
 A face of the project like ``cli.py``: it wires the library (extraction, lenses,
-``molmo``, ``latentlens.evaluation``) into steps that skip finished work, and nothing in
-the library imports it. ``python -m latentlens.pipeline --help`` lists the steps;
+``molmo``, ``reproduce.judge``) into steps that skip finished work, and nothing in
+the library imports it. ``python -m reproduce --help`` lists the steps;
 ``reproduce/run_all.sh --tiny`` runs them all offline on tiny random models.
 """
 
 from __future__ import annotations
 
-from latentlens.pipeline.layout import PAPER_MODELS, Layout, bank_name, model_kind, run_folder
-from latentlens.pipeline.pixmo import (
+from reproduce.layout import PAPER_MODELS, Layout, bank_name, model_kind, run_folder
+from reproduce.data.pixmo import (
     HubListing,
     ImageRecord,
     ImageRow,

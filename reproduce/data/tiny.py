@@ -20,8 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from latentlens.atomic import write_json
-from latentlens.evaluation.names import QWEN2VL
-from latentlens.pipeline.layout import Layout, bank_name, model_kind
+from reproduce.judge.names import QWEN2VL
+from reproduce.layout import Layout, bank_name, model_kind
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Steps 4–5: the LLM judge over every (lens, model) folder, then scores, figures and the table.
 
-Both are :mod:`latentlens.evaluation`, wired to the run's folders. The judge's verdict
+Both are :mod:`reproduce.judge`, wired to the run's folders. The judge's verdict
 cache makes step 4 resumable without judging a patch twice; a (lens, model) whose
 ``evaluation_results.json`` is complete (no pending or failed patch, same judge model,
 newer than its lens files) is skipped. Failed patches are reported and retried by the
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentlens.evaluation.client import JudgeConfig
-from latentlens.evaluation.judge import RESULTS_FILE
-from latentlens.evaluation.names import LENSES
-from latentlens.pipeline.layout import Layout, read_json_or_none
+from reproduce.judge.client import JudgeConfig
+from reproduce.judge.judge import RESULTS_FILE
+from reproduce.judge.names import LENSES
+from reproduce.layout import Layout, read_json_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class JudgeOutcome:
 
 
 def _layer_files(results_dir: Path) -> dict[int, Path]:
-    from latentlens.evaluation.words import find_layer_files
+    from reproduce.judge.words import find_layer_files
 
     return find_layer_files(results_dir) if results_dir.is_dir() else {}
 
@@ -105,7 +105,7 @@ def judge_all(
     Returns:
         One :class:`JudgeOutcome` per (lens, model).
     """
-    from latentlens.evaluation.judge import evaluate
+    from reproduce.judge.judge import evaluate
 
     outcomes = []
     for model in models:
@@ -174,7 +174,7 @@ def aggregate_step(layout: Layout, *, force: bool = False, dpi: int = 150) -> di
     Raises:
         FileNotFoundError: nothing judged yet.
     """
-    from latentlens.evaluation.aggregate import write_report
+    from reproduce.judge.aggregate import write_report
 
     if not force and report_done(layout):
         logger.info("step 5: the report is newer than every judged result (%s)", layout.report)

@@ -1,11 +1,11 @@
 """The LLM-judge evaluation (SPEC §7): patch sampling, judge client, verdict cache, aggregation.
 
-The reproduce steps call it through ``python -m latentlens.evaluation judge|aggregate``.
+The reproduce steps call it through ``python -m reproduce.judge judge|aggregate``.
 """
 
 from __future__ import annotations
 
-from latentlens.evaluation.aggregate import (
+from reproduce.judge.aggregate import (
     aggregate,
     comparison_table,
     lens_means,
@@ -16,8 +16,8 @@ from latentlens.evaluation.aggregate import (
     plot_lenses,
     write_report,
 )
-from latentlens.evaluation.cache import JudgeCache, read_cache
-from latentlens.evaluation.client import (
+from reproduce.judge.cache import JudgeCache, read_cache
+from reproduce.judge.client import (
     FatalJudgeError,
     JudgeClient,
     JudgeConfig,
@@ -26,8 +26,8 @@ from latentlens.evaluation.client import (
     Verdict,
     parse_verdict,
 )
-from latentlens.evaluation.fake import FakeJudge, FakeJudgeServer
-from latentlens.evaluation.judge import (
+from reproduce.judge.fake import FakeJudge, FakeJudgeServer
+from reproduce.judge.judge import (
     CostEstimate,
     Evaluation,
     JudgeRun,
@@ -36,11 +36,11 @@ from latentlens.evaluation.judge import (
     evaluate,
     judge_patches,
 )
-from latentlens.evaluation.plan import PatchTask, plan_tasks
-from latentlens.evaluation.prompt import build_messages, build_prompt
-from latentlens.evaluation.render import judge_views, region_box, render_view
-from latentlens.evaluation.sampling import real_patch_mask, sample_centres, valid_windows
-from latentlens.evaluation.words import candidate_words, expand_to_word, load_lens_layer
+from reproduce.judge.plan import PatchTask, plan_tasks
+from reproduce.judge.prompt import build_messages, build_prompt
+from reproduce.judge.render import judge_views, region_box, render_view
+from reproduce.judge.sampling import real_patch_mask, sample_centres, valid_windows
+from reproduce.judge.words import candidate_words, expand_to_word, load_lens_layer
 
 __all__ = [
     "CostEstimate",

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from latentlens.evaluation import (
+from reproduce.judge import (
     FakeJudge,
     FakeJudgeServer,
     FatalJudgeError,
@@ -48,10 +48,10 @@ from latentlens.evaluation import (
     valid_windows,
     write_report,
 )
-from latentlens.evaluation.__main__ import main as cli
-from latentlens.evaluation.render import judge_views
-from latentlens.evaluation.sampling import ImageGrid, make_rng
-from latentlens.evaluation.words import detect_method, find_layer_files
+from reproduce.judge.__main__ import main as cli
+from reproduce.judge.render import judge_views
+from reproduce.judge.sampling import ImageGrid, make_rng
+from reproduce.judge.words import detect_method, find_layer_files
 
 GRID = 6
 VOCAB = ["dog", "cat", "tree", "sky", "car", "red", "blue", "house", "grass", "road", "wall", "xyz"]
@@ -551,7 +551,7 @@ def test_killed_run_resumes_without_judging_any_patch_twice(project):
         cmd = [
             sys.executable,
             "-m",
-            "latentlens.evaluation",
+            "reproduce.judge",
             "judge",
             "--results-dir",
             str(project["lens"]),

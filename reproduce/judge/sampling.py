@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from latentlens.evaluation.render import RENDER_SIZE, WINDOW, Encoder, real_pixel_mask
+from reproduce.judge.render import RENDER_SIZE, WINDOW, Encoder, real_pixel_mask
 
 Convention = Literal["encoder", "original"]
 ENCODER_INPUT_PATCH = 14  # pixels per ViT patch of the three encoders (CLIP 336 / 24)

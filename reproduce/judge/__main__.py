@@ -1,4 +1,4 @@
-"""``python -m latentlens.evaluation``: judge lens results, aggregate them, or serve the fake judge.
+"""``python -m reproduce.judge``: judge lens results, aggregate them, or serve the fake judge.
 
 Each command only parses options, calls the library and reports; the reproduce scripts
 call it (``judge`` once per lens and model, then ``aggregate``).
@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from latentlens.cli import parse_layers
-from latentlens.evaluation.render import ENCODERS
+from reproduce.judge.render import ENCODERS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -119,15 +119,15 @@ def main(verbose: bool) -> None:
 @click.option("--strict", is_flag=True, help="Exit with status 3 when some patches failed.")
 def judge(**opts: Any) -> None:
     """Judge one lens's results for one model; resumable, never judging a patch twice."""
-    from latentlens.evaluation.client import FatalJudgeError, JudgeConfig
-    from latentlens.evaluation.judge import evaluate
+    from reproduce.judge.client import FatalJudgeError, JudgeConfig
+    from reproduce.judge.judge import evaluate
 
     extra = json.loads(opts["extra_body"]) if opts["extra_body"] else None
     if extra is not None and not isinstance(extra, dict):
         raise click.BadParameter("--extra-body must be a JSON object")
     server = None
     if opts["fake_judge"]:
-        from latentlens.evaluation.fake import FakeJudgeServer
+        from reproduce.judge.fake import FakeJudgeServer
 
         server = FakeJudgeServer().start()
     try:
@@ -223,7 +223,7 @@ def judge(**opts: Any) -> None:
 @click.option("--dpi", default=150, show_default=True)
 def aggregate(eval_dir: str, out_dir: str | None, dpi: int) -> None:
     """Scores {lens: {model: {layer: percent}}}, figures and a table beside the paper's numbers."""
-    from latentlens.evaluation.aggregate import write_report
+    from reproduce.judge.aggregate import write_report
 
     try:
         paths = write_report(eval_dir, out_dir or eval_dir, dpi=dpi)
@@ -252,7 +252,7 @@ def aggregate(eval_dir: str, out_dir: str | None, dpi: int) -> None:
 )
 def fake_server(port: int, faults: tuple[str, ...], vocabulary: str | None) -> None:
     """Serve the deterministic fake judge on 127.0.0.1 until interrupted."""
-    from latentlens.evaluation.fake import FakeJudge, FakeJudgeServer
+    from reproduce.judge.fake import FakeJudge, FakeJudgeServer
 
     words = Path(vocabulary).read_text(encoding="utf-8").split("\n") if vocabulary else None
     judge = FakeJudge([w for w in words if w.strip()] if words else None)

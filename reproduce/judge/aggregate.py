@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from matplotlib.figure import Figure
 
 from latentlens.atomic import write_json
-from latentlens.evaluation.judge import RESULTS_FILE
-from latentlens.evaluation.names import (
+from reproduce.judge.judge import RESULTS_FILE
+from reproduce.judge.names import (
     CONNECTOR_MODELS,
     LENS_LABELS,
     LENSES,
@@ -109,9 +108,9 @@ def lens_means(scores: Scores, models: Sequence[str] | None = None) -> dict[str,
 
 
 def load_paper_results() -> dict[str, Any]:
-    """The paper's numbers shipped with the package (``latentlens/data/paper_results.json``)."""
-    text = resources.files("latentlens").joinpath("data", PAPER_RESULTS).read_text("utf-8")
-    return json.loads(text)
+    """The paper's numbers (``reproduce/data/paper_results.json``)."""
+    path = Path(__file__).resolve().parents[1] / "data" / PAPER_RESULTS
+    return json.loads(path.read_text("utf-8"))
 
 
 def _layer_axis(

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentlens.evaluation import FakeJudge, FakeJudgeServer, aggregate, read_cache
+from reproduce.judge import FakeJudge, FakeJudgeServer, aggregate, read_cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN_ALL = ROOT / "reproduce" / "run_all.sh"
 MODELS = ("olmo-vit", "qwen-siglip", "qwen2vl")
 LENSES = ("latentlens", "logitlens", "embeddinglens")
@@ -271,9 +271,9 @@ def test_qwen2vl_files_match_explain_image_and_shards_match_the_full_run(tiny_ru
     from latentlens.explain import explain_image
     from latentlens.index import ContextualIndex
     from latentlens.models.loading import load_model, load_processor
-    from latentlens.pipeline.layout import Layout
-    from latentlens.pipeline.lenses import VLMSubject, run_model
-    from latentlens.pipeline.pixmo import read_manifest
+    from reproduce.layout import Layout
+    from reproduce.steps.lenses import VLMSubject, run_model
+    from reproduce.data.pixmo import read_manifest
     from latentlens.vlm import load_image
 
     out, _, _ = tiny_run

@@ -22,12 +22,12 @@ from typing import Any
 from PIL import Image
 
 from latentlens.atomic import write_json
-from latentlens.evaluation.cache import CACHE_FILE, JudgeCache, read_cache
-from latentlens.evaluation.client import JudgeClient, JudgeConfig, JudgeFailed
-from latentlens.evaluation.names import canonical_lens, encoder_for_model
-from latentlens.evaluation.plan import PatchTask, plan_tasks
-from latentlens.evaluation.prompt import build_messages, build_prompt
-from latentlens.evaluation.render import (
+from reproduce.judge.cache import CACHE_FILE, JudgeCache, read_cache
+from reproduce.judge.client import JudgeClient, JudgeConfig, JudgeFailed
+from reproduce.judge.names import canonical_lens, encoder_for_model
+from reproduce.judge.plan import PatchTask, plan_tasks
+from reproduce.judge.prompt import build_messages, build_prompt
+from reproduce.judge.render import (
     RENDER_SIZE,
     Encoder,
     judge_views,
@@ -36,7 +36,7 @@ from latentlens.evaluation.render import (
     region_box,
     render_view,
 )
-from latentlens.evaluation.sampling import Convention
+from reproduce.judge.sampling import Convention
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from latentlens.atomic import write_json
-from latentlens.pipeline.layout import (
+from reproduce.layout import (
     QWEN2VL_BANK,
     QWEN2VL_HUB_ID,
     Layout,
@@ -120,7 +120,7 @@ def setup_tiny_step(
     Returns:
         ``{"request": …, "files": …, "skipped": bool}`` like :func:`download`.
     """
-    from latentlens.pipeline.tiny import read_tiny, setup_tiny
+    from reproduce.data.tiny import read_tiny, setup_tiny
 
     request = {"tiny": True, "models": list(models)}
     if not force and download_done(layout, request):

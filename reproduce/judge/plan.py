@@ -13,16 +13,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentlens.evaluation.prompt import PROMPT_VERSION
-from latentlens.evaluation.render import WINDOW, Encoder, load_rgb
-from latentlens.evaluation.sampling import (
+from reproduce.judge.prompt import PROMPT_VERSION
+from reproduce.judge.render import WINDOW, Encoder, load_rgb
+from reproduce.judge.sampling import (
     Convention,
     ImageGrid,
     make_rng,
     real_patch_mask,
     sample_centres,
 )
-from latentlens.evaluation.words import (
+from reproduce.judge.words import (
     LensImage,
     Method,
     candidate_words,
