@@ -81,9 +81,21 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int,
 def cpu_flags() -> str:
     """The CPU model and the flags that decide bf16 speed (native vs emulated)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx512_fp16")
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "?"
+    )
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
+    )
+    wanted = (
+        "avx2",
+        "avx512f",
+        "avx512_bf16",
+        "amx_bf16",
+        "amx_tile",
+        "avx512_vnni",
+        "avx512_fp16",
+    )
     return f"{model}; " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
 
 

@@ -92,7 +92,11 @@ def brute_force_chunked(q: torch.Tensor, banks: list[torch.Tensor], k: int):
             order = torch.argsort(key_b * bank.shape[0] * 4 + key_r, dim=1, stable=True)
             sc, key_b, key_r = sc.gather(1, order), key_b.gather(1, order), key_r.gather(1, order)
             order = torch.argsort(sc, dim=1, descending=True, stable=True)[:, :k]
-            best_s, best_b, best_r = sc.gather(1, order), key_b.gather(1, order), key_r.gather(1, order)
+            best_s, best_b, best_r = (
+                sc.gather(1, order),
+                key_b.gather(1, order),
+                key_r.gather(1, order),
+            )
     return best_s, best_b, best_r
 
 
@@ -208,7 +212,9 @@ def check_build(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="tiny sizes (a smoke test anywhere)")
     ap.add_argument("--rows", type=int, default=300_000)

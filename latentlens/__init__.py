@@ -28,14 +28,15 @@ _LAZY: dict[str, str] = {
     "auto_layers": "latentlens.extract",
     "build_index": "latentlens.extract",
     "ContextualIndex": "latentlens.index",
-    "Neighbor": "latentlens.index",
-    "InterpretResult": "latentlens.interpret",
+    "Neighbor": "latentlens.results",
+    "InterpretResult": "latentlens.results",
+    "ImageExplanation": "latentlens.results",
     "interpret": "latentlens.interpret",
     "EmbeddingLens": "latentlens.lenses",
     "LatentLens": "latentlens.lenses",
     "Lens": "latentlens.lenses",
     "LogitLens": "latentlens.lenses",
-    "Prediction": "latentlens.lenses",
+    "Prediction": "latentlens.results",
     "MODEL_DEFAULTS": "latentlens.models.defaults",
     "SUPPORTED_MODELS": "latentlens.models.defaults",
     "get_hidden_states": "latentlens.models.hooks",
@@ -47,12 +48,13 @@ _LAZY: dict[str, str] = {
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from latentlens.corpus import load_corpus
     from latentlens.extract import auto_layers, build_index
-    from latentlens.index import ContextualIndex, Neighbor
-    from latentlens.interpret import InterpretResult, interpret
-    from latentlens.lenses import EmbeddingLens, LatentLens, Lens, LogitLens, Prediction
+    from latentlens.index import ContextualIndex
+    from latentlens.interpret import interpret
+    from latentlens.lenses import EmbeddingLens, LatentLens, Lens, LogitLens
     from latentlens.models.defaults import MODEL_DEFAULTS, SUPPORTED_MODELS
     from latentlens.models.hooks import get_hidden_states
     from latentlens.models.loading import load_model
+    from latentlens.results import ImageExplanation, InterpretResult, Neighbor, Prediction
     from latentlens.sharded import DistributedIndex, MultiDeviceIndex
 
 
@@ -82,6 +84,7 @@ __all__ = [
     "DimensionMismatchError",
     "DistributedIndex",
     "EmbeddingLens",
+    "ImageExplanation",
     "InterpretResult",
     "InvalidQueryError",
     "LatentLens",

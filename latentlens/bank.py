@@ -16,6 +16,7 @@ with ``torch.load(weights_only=True)``: a file whose unpickling would run code i
 
 from __future__ import annotations
 
+import json as _json
 import logging
 import pickle
 import re
@@ -30,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from latentlens import __version__
 from latentlens import constants as C
 from latentlens.atomic import atomic_path, read_json, write_json
 from latentlens.errors import BankFormatError, LayerNotFoundError
@@ -280,7 +282,6 @@ class LayerWriter:
         self._seen = torch.zeros(n, dtype=torch.bool)
 
     def __enter__(self) -> LayerWriter:
-        import json as _json
 
         import numpy as np
 
@@ -360,7 +361,6 @@ def make_manifest(
     bank_id: str = "",
 ) -> dict[str, Any]:
     """The ``config.json`` content of a bank (known keys of ``extra`` are kept)."""
-    from latentlens import __version__
 
     manifest = {k: v for k, v in (extra or {}).items() if k in _MANIFEST_KEYS}
     manifest.update(

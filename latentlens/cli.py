@@ -14,6 +14,9 @@ from typing import Any, TypeVar
 
 import click
 
+from latentlens.cli_explain import explain_image_command
+from latentlens.options import parse_layers
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -38,23 +41,6 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def parse_int_list(value: str | None) -> list[int] | None:
-    """``"1,2,8"`` → ``[1, 2, 8]``; ``None``/``""`` → ``None``; anything else is a usage error."""
-    if value is None or not value.strip():
-        return None
-    try:
-        return [int(x) for x in value.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-
-
-def parse_layers(value: str | None) -> list[int] | None:
-    """Like :func:`parse_int_list`, with ``"all"``/``"auto"`` (any case) meaning the default."""
-    if value is not None and value.strip().lower() in ("all", "auto"):
-        return None
-    return parse_int_list(value)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="latentlens")
 def main() -> None:
@@ -74,26 +60,42 @@ def main() -> None:
 @click.argument("bank", type=click.Path(exists=True, file_okay=False))
 @user_errors
 def info(bank: str) -> None:
-    """Show a bank's manifest: model, layers, rows, dtype and memory."""
-    from latentlens.bank import dtype_name
-    from latentlens.index import ContextualIndex
+    """Show a bank's manifest: model, layers, rows, dtype and memory (no rows are read)."""
+    from pathlib import Path
 
-    index = ContextualIndex.from_directory(bank)
+    from latentlens.bank import is_legacy, read_manifest
+
+    root = Path(bank)
+    if is_legacy(root):  # the original layout has no manifest: its files must be read
+        from latentlens.index import ContextualIndex
+
+        index = ContextualIndex.from_directory(root)
+        manifest = {
+            "model_name": index.model_name,
+            "hidden_dim": index.hidden_dim,
+            "dtype": str(index.dtype).removeprefix("torch."),
+            "num_entries": len(index.entries),
+            "rows_per_layer": {str(x): index.num_rows(x) for x in index.available_layers},
+            "layers": index.available_layers,
+        }
+    else:
+        manifest = read_manifest(root)
+    d = int(manifest["hidden_dim"])
+    dtype = str(manifest.get("dtype", "float16"))
+    size = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}.get(dtype, 2)
+    rows = {int(k): int(v) for k, v in (manifest.get("rows_per_layer") or {}).items()}
     click.echo(f"bank:        {bank}")
-    click.echo(f"model:       {index.model_name or '(unknown)'}")
-    click.echo(f"hidden dim:  {index.hidden_dim}")
-    click.echo(f"dtype:       {dtype_name(index.dtype)}")
-    click.echo(
-        f"entries:     {len(index.entries):,} ({len(index.entries.captions):,} captions, "
-        f"{len(index.entries.token_strs):,} distinct tokens)"
-    )
+    click.echo(f"model:       {manifest.get('model_name') or '(unknown)'}")
+    click.echo(f"hidden dim:  {d}")
+    click.echo(f"dtype:       {dtype}")
+    click.echo(f"entries:     {int(manifest.get('num_entries', 0)):,}")
     click.echo("layers:")
-    for layer in index.available_layers:
-        emb = index.embeddings(layer)
-        mib = emb.numel() * emb.element_size() / 2**20
-        click.echo(f"  {layer:>4}: {emb.shape[0]:>10,} rows  {mib:>9.1f} MiB")
-    click.echo(f"total:       {len(index):,} rows, {index.nbytes() / 2**20:.1f} MiB")
-    build = index.manifest.get("build")
+    for layer in manifest["layers"]:
+        n = rows.get(int(layer), 0)
+        click.echo(f"  {layer:>4}: {n:>10,} rows  {n * d * size / 2**20:>9.1f} MiB")
+    total = sum(rows.values())
+    click.echo(f"total:       {total:,} rows, {total * d * size / 2**20:.1f} MiB")
+    build = manifest.get("build")
     if build:
         click.echo("build:       " + ", ".join(f"{k}={v}" for k, v in build.items()))
 
@@ -136,15 +138,14 @@ def demo(bank_dir: str | None, layer: int, top_k: int) -> None:
     converts the model and builds the bank (about a minute); later runs reuse both.
     """
     from latentlens.demo import run_demo
+    from latentlens.results import neighbor_line
 
     index, hits = run_demo(bank_dir, query_layer=layer, top_k=top_k)
     click.echo(repr(index))
     for hit in hits:
         click.echo(f"\n{hit.sentence}\n  '{hit.word}' (token {hit.position}, layer {hit.layer}):")
         for nb in hit.neighbors:
-            click.echo(
-                f"    {nb.similarity:6.3f}  L{nb.contextual_layer:<3} {nb.token_str!r:<12} {nb.caption}"
-            )
+            click.echo("    " + neighbor_line(nb))
 
 
 @main.command()
@@ -211,24 +212,20 @@ def build(
 
     from latentlens import distributed as D
     from latentlens.bank import parse_dtype
-    from latentlens.extract import build_index
+    from latentlens.extract import BuildConfig, build_index
 
     D.init_from_env()  # under torchrun the corpus is split across the ranks
 
-    kwargs: dict = {}
-    if paper:
-        kwargs.update(
-            sampling="reservoir",
-            max_contexts_per_token=20,
-            skip_first=0,
-            storage_dtype="float8_e4m3fn",
-        )
+    config = BuildConfig.paper() if paper else BuildConfig.library()
+    changes: dict = {}
     if sampling:
-        kwargs["sampling"] = sampling
+        changes["sampling"] = sampling
     if cap is not None:
-        kwargs["max_contexts_per_token"] = cap
+        changes["cap"] = cap
     if storage_dtype:
-        kwargs["storage_dtype"] = storage_dtype
+        changes["storage_dtype"] = storage_dtype
+    config = config.replace(**changes)
+    kwargs: dict = {}
     if model_dtype:
         kwargs["dtype"] = parse_dtype(model_dtype)
     name: str | None = model
@@ -245,20 +242,28 @@ def build(
         device=torch.device(device) if device else None,
         output_dir=out_dir,
         resume=not no_resume,
+        config=config,
         **kwargs,
     )
     click.echo(f"wrote {out_dir}: {index!r}")
 
 
-def _load_cli_model(name: str, device: str | None, dtype: str | None) -> tuple[Any, Any]:
+def resolve_device(device: str | None) -> str:
+    """The ``--device`` of every command: as given, else CUDA when available, else CPU."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_cli_model(name: str, device: str, dtype: str | None) -> tuple[Any, Any]:
     """``smollm2`` (or the name the demo bank records) → the bundled model; else Hub/path."""
     if name.lower() in ("smollm2", "smollm2-135m-instruct"):
         from latentlens.models.loading import load_smollm2
 
         model, tokenizer = load_smollm2()
-        if device:
-            model = model.to(device)
-        return model, tokenizer
+        return model.to(device), tokenizer
     from latentlens.models.loading import load_model
 
     return load_model(name, device=device, dtype=dtype)
@@ -271,7 +276,9 @@ def _write_outputs(result: Any, json_path: str | None, plot_path: str | None, qu
         result.to_json(json_path)
         click.echo(f"wrote {json_path}", err=True)
     if plot_path:
-        result.plot(plot_path)
+        from latentlens.viz import plot_result
+
+        plot_result(result, plot_path)
         click.echo(f"wrote {plot_path}", err=True)
 
 
@@ -289,12 +296,14 @@ _top_k_option = click.option(
     type=click.IntRange(1),
     help="Predictions per token and layer.",
 )
-_device_option = click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu).")
+_device_option = click.option(
+    "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)."
+)
 _dtype_option = click.option(
-    "--dtype",
+    "--model-dtype",
     "model_dtype",
     default=None,
-    help="Model dtype: float32, float16, bfloat16 (default: the model's).",
+    help="Model compute dtype: float32, float16, bfloat16 (default: the model's).",
 )
 _json_option = click.option(
     "--json",
@@ -370,9 +379,9 @@ def search(
     name = model_name or index.model_name
     if not name:
         raise LatentLensError(f"bank {bank} does not record its model; pass --model")
+    device = resolve_device(device)
     model, tokenizer = _load_cli_model(name, device, model_dtype)
-    if device:
-        index.to(device)
+    index.to(device)
     query_layers = parse_layers(layers) or index.available_layers
     lens = LatentLens(index, top_k, layers=parse_layers(bank_layers))
     result = interpret(
@@ -450,6 +459,7 @@ def interpret(
     names = list(dict.fromkeys(lens_names)) or (["latent"] if bank else []) + ["logit", "embedding"]
     if "latent" in names and not bank:
         raise click.UsageError("--lens latent needs --bank BANK")
+    device = resolve_device(device)
     net, tokenizer = _load_cli_model(model, device, model_dtype)
     index = None
     if bank and "latent" in names:
@@ -467,6 +477,8 @@ def interpret(
     )
     _write_outputs(result, json_path, plot_path, quiet)
 
+
+main.add_command(explain_image_command)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,10 @@ from typing import Any
 
 import torch
 
+from latentlens.extract import build_index
 from latentlens.index import ContextualIndex, Neighbor
+from latentlens.models.hooks import get_hidden_states
+from latentlens.models.loading import default_cache_dir, load_smollm2
 
 # (sentence, word): each word is read at its position in a sentence the bank never saw.
 DEMO_QUERIES: tuple[tuple[str, str], ...] = (
@@ -68,9 +71,6 @@ def run_demo(
     Returns:
         The index and one :class:`DemoHit` per query.
     """
-    from latentlens.extract import build_index
-    from latentlens.models.hooks import get_hidden_states
-    from latentlens.models.loading import default_cache_dir, load_smollm2
 
     model, tokenizer = load_smollm2()
     root = Path(bank_dir) if bank_dir is not None else default_cache_dir() / "demo-bank-smollm2"

@@ -10,6 +10,7 @@ so an interrupted-and-resumed build equals an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,7 +18,6 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,10 @@ from latentlens.atomic import atomic_path, read_json, sweep_temporary, write_jso
 from latentlens.corpus import load_corpus
 from latentlens.errors import CorpusError, LatentLensError
 from latentlens.index import ContextualIndex
+from latentlens.models.defaults import default_layers_for
+from latentlens.models.hooks import get_hidden_states
+from latentlens.models.loading import load_model
+from latentlens.models.registry import num_layers
 from latentlens.selection import Plan, Sampling, plan_entries
 
 logger = logging.getLogger(__name__)
@@ -55,96 +59,167 @@ def auto_layers(n_layers: int) -> list[int]:
     return sorted(chosen)
 
 
-@dataclass(frozen=True)
-class BuildConfig:
-    """Everything that determines a bank's content (recorded in its manifest)."""
+_PAPER = {
+    "cap": 20,
+    "sampling": "reservoir",
+    "skip_first": 0,
+    "dedup": False,
+    "normalize": False,
+    "storage_dtype": "float8_e4m3fn",
+}
 
-    model_name: str
-    layers: tuple[int, ...]
-    cap: int | None
-    sampling: Sampling
-    skip_first: int
-    dedup: bool
-    normalize: bool
-    storage_dtype: str
-    seed: int
-    max_length: int
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BuildConfig:
+    """Everything besides the model and corpus that determines a bank (its manifest's "build").
+
+    Two presets follow the paper (SPEC §2): :meth:`library` (the original
+    ``build_index`` defaults) and :meth:`paper` (the extraction behind the paper's banks).
+
+    Attributes:
+        layers: hidden-state indices (0 = embeddings, i = output of block i); ``None``:
+            the model's ``MODEL_DEFAULTS`` entry, else :func:`auto_layers`.
+        cap: entries per decoded token string (``None``: no cap).
+        sampling: ``"first"`` (first come first served) or ``"reservoir"`` (Algorithm R,
+            seeded once with ``seed``).
+        skip_first: positions skipped at the start of each sentence (BOS counts).
+        dedup: prefix deduplication (identical prefixes give identical states).
+        normalize: L2-normalise rows before storage.
+        storage_dtype: float16, bfloat16, float32 or float8_e4m3fn (clipped ±448).
+        seed: the reservoir's seed.
+        max_length: sentences are truncated to this many tokens.
+        batch_size: sentences per forward pass (length-sorted to minimise padding).
+        shard_sentences: sentences per resumable shard.
+    """
+
+    layers: tuple[int, ...] | None = None
+    cap: int | None = 50
+    sampling: Sampling = "first"
+    skip_first: int = 2
+    dedup: bool = True
+    normalize: bool = True
+    storage_dtype: str = "float16"
+    seed: int = 42
+    max_length: int = 512
+    batch_size: int = 32
+    shard_sentences: int = 1000
+
+    def __post_init__(self) -> None:  # noqa: D105
+        if self.layers is not None:
+            if not list(self.layers):
+                raise ValueError("layers=[] selects no layer; pass None for the defaults")
+            object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
+        object.__setattr__(self, "storage_dtype", B.dtype_name(B.parse_dtype(self.storage_dtype)))
+        if self.sampling not in ("first", "reservoir"):
+            raise ValueError(f"sampling must be 'first' or 'reservoir', got {self.sampling!r}")
+        if self.cap is not None and self.cap < 1:
+            raise ValueError(f"cap must be >= 1 or None, got {self.cap}")
+        for name in ("skip_first", "max_length", "batch_size", "shard_sentences"):
+            value = getattr(self, name)
+            low = 0 if name == "skip_first" else 1
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    @classmethod
+    def library(cls, **changes: Any) -> BuildConfig:
+        """The original ``build_index`` defaults: skip 0-1, prefix dedup, first 50, unit fp16."""
+        return cls(**changes)
+
+    @classmethod
+    def paper(cls, **changes: Any) -> BuildConfig:
+        """The paper's banks: no skip, no dedup, reservoir of 20 (seed 42), raw fp8 rows."""
+        return cls(**{**_PAPER, **changes})
+
+    def replace(self, **changes: Any) -> BuildConfig:
+        """A copy with some fields changed.
+
+        Raises:
+            TypeError: a name that is not a field (the message lists the fields).
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(
+                f"unknown build setting(s) {unknown}; BuildConfig fields: {sorted(names)}"
+            )
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
-        d = dict(self.__dict__)
-        d["layers"] = list(self.layers)
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
         return d
 
 
+_FROM_CONFIG: Any = object()  # "not given": take the value from the BuildConfig
+
+
 def build_index(
-    model_name: str | None,
-    corpus: str | os.PathLike[str] | Iterable[str],
+    model_name: str | None = None,
+    corpus: str | os.PathLike[str] | Iterable[str] | None = None,
     layers: Sequence[int] | None = None,
-    max_contexts_per_token: int | None = 50,
-    batch_size: int = 32,
+    max_contexts_per_token: int | None = _FROM_CONFIG,
+    batch_size: int = _FROM_CONFIG,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     show_progress: bool = True,
+    *,
+    config: BuildConfig | None = None,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
     output_dir: str | os.PathLike[str] | None = None,
     resume: bool = True,
-    sampling: Sampling = "first",
-    seed: int = 42,
-    skip_first: int | None = None,
-    *,
-    dedup: bool | None = None,
-    normalize: bool | None = None,
-    storage_dtype: str | torch.dtype | None = None,
-    max_length: int = 512,
-    shard_sentences: int = 1000,
     mmap: bool = False,
+    **settings: Any,
 ) -> ContextualIndex:
     """Build a bank of contextual token embeddings from a causal LM and a corpus.
 
-    Two presets follow the paper (SPEC §2). *Library mode* (defaults): skip positions 0-1,
-    prefix dedup, first ``max_contexts_per_token`` per token string, rows normalised, fp16.
-    *Paper mode* (``sampling="reservoir"``, cap 20, ``skip_first=0``): no dedup, reservoir
-    sample, raw rows; pass ``storage_dtype="float8_e4m3fn"`` for the paper's storage.
+    The first eight parameters are the original release's. What the bank holds is a
+    :class:`BuildConfig` (default :meth:`BuildConfig.library`; the paper's is
+    :meth:`BuildConfig.paper`); ``layers``, ``max_contexts_per_token`` (its ``cap``),
+    ``batch_size`` and any further keyword named like a field (``sampling=``,
+    ``storage_dtype=``, ...) override it.
 
     Args:
         model_name: Hub id or local path (loaded with :func:`latentlens.models.load_model`
             unless ``model`` is given; then only recorded).
         corpus: path (.txt/.csv/.jsonl) or list of sentences.
         layers: hidden-state indices (0 = embeddings, i = output of block i); default: the
-            ``default_layers`` of ``model_name``'s ``latentlens.MODEL_DEFAULTS`` entry, else
-            :func:`auto_layers`.
-        max_contexts_per_token: cap per decoded token string (``None``: no cap).
-        batch_size: sentences per forward pass (length-sorted to minimise padding).
+            config's, else the ``default_layers`` of ``model_name``'s
+            ``latentlens.MODEL_DEFAULTS`` entry, else :func:`auto_layers`.
+        max_contexts_per_token: cap per decoded token string (``None``: no cap); default
+            the config's (50 library, 20 paper).
+        batch_size: sentences per forward pass; default the config's (32).
         device: where the model runs (default CUDA if available, else CPU).
         dtype: model compute dtype when loading (default fp16 on CUDA, fp32 on CPU, where
             fp16 matmuls have no fast kernels).
+        show_progress: a tqdm bar over sentences.
+        config: the build settings (see :class:`BuildConfig`).
         model, tokenizer: an already-loaded model and tokenizer.
         output_dir: stream shards here and write the final bank; enables resume.
         resume: reuse compatible shards of an interrupted build in ``output_dir``.
-        sampling: ``"first"`` or ``"reservoir"`` (Algorithm R, seeded once with ``seed``).
-        skip_first: positions skipped at the start of each sentence (default 2 for
-            ``"first"``, 0 for ``"reservoir"``); BOS counts when the tokenizer adds one.
-        dedup: prefix deduplication (default on for ``"first"``, off for ``"reservoir"``).
-        normalize: L2-normalise rows before storage (default on for ``"first"``).
-        storage_dtype: float16 (default), bfloat16, float32 or float8_e4m3fn (clipped ±448).
-        max_length: sentences are truncated to this many tokens.
-        shard_sentences: sentences per resumable shard.
         mmap: with ``output_dir``, return the bank streamed from disk (see
             :meth:`ContextualIndex.from_directory`) instead of loading it into memory.
-            The bank is assembled on disk one shard at a time either way.
+        **settings: :class:`BuildConfig` fields overriding ``config``.
 
     Returns:
         The :class:`ContextualIndex` (rows on CPU).
 
     Raises:
         CorpusError: empty or unreadable corpus.
+        TypeError: an unknown setting.
         ValueError: bad layers or settings.
     """
-    from latentlens.models.defaults import default_layers_for
-    from latentlens.models.registry import num_layers
-
+    if corpus is None:
+        raise CorpusError("build_index needs a corpus (a file path or a list of sentences)")
+    cfg = config or BuildConfig.library()
+    if layers is not None:
+        settings["layers"] = layers
+    if max_contexts_per_token is not _FROM_CONFIG:
+        settings["cap"] = max_contexts_per_token
+    if batch_size is not _FROM_CONFIG:
+        settings["batch_size"] = batch_size
+    cfg = cfg.replace(**settings)
     sentences = load_corpus(corpus)
     if model is None:
         if not model_name:
@@ -152,8 +227,6 @@ def build_index(
         run_device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.float16 if run_device.type == "cuda" else torch.float32
-        from latentlens.models.loading import load_model
-
         model, tokenizer = load_model(model_name, device=run_device, dtype=dtype)
     elif tokenizer is None:
         raise LatentLensError("model= was given without tokenizer=")
@@ -162,26 +235,13 @@ def build_index(
         model = model.to(run_device).eval()
     assert model is not None
     n_layers = num_layers(model)
-    if layers is None:  # a MODEL_DEFAULTS entry, else the paper's rule
-        layers = default_layers_for(model_name) or auto_layers(n_layers)
-    chosen = sorted(set(layers))
+    chosen = cfg.layers or default_layers_for(model_name) or auto_layers(n_layers)
     bad = [x for x in chosen if not 0 <= x <= n_layers]
     if bad:
         raise ValueError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
-    reservoir = sampling == "reservoir"
-    cfg = BuildConfig(
-        model_name=model_name or getattr(model.config, "_name_or_path", "") or "",
-        layers=tuple(chosen),
-        cap=max_contexts_per_token,
-        sampling=sampling,
-        skip_first=(0 if reservoir else 2) if skip_first is None else skip_first,
-        dedup=(not reservoir) if dedup is None else dedup,
-        normalize=(not reservoir) if normalize is None else normalize,
-        storage_dtype=B.dtype_name(B.parse_dtype(storage_dtype or "float16")),
-        seed=seed,
-        max_length=max_length,
-    )
-    ids = tokenize(tokenizer, sentences, max_length)
+    cfg = cfg.replace(layers=tuple(chosen))
+    name = model_name or getattr(model.config, "_name_or_path", "") or ""
+    ids = tokenize(tokenizer, sentences, cfg.max_length)
     decode = _decoder(tokenizer)
     plan = plan_entries(
         ids,
@@ -196,7 +256,7 @@ def build_index(
         raise CorpusError(
             f"no token survives the selection (skip_first={cfg.skip_first}): sentences too short?"
         )
-    builder = _Builder(model, cfg, ids, plan, batch_size, shard_sentences, show_progress)
+    builder = _Builder(model, cfg, ids, plan, show_progress)
     root = Path(output_dir) if output_dir is not None else None
     if root is not None and D.rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -216,7 +276,11 @@ def build_index(
         token_strs={t: decode(t) for t in set(plan.token_id)},
     )
     entries = _compact_captions(entries)
-    manifest = {"model_name": cfg.model_name, "normalized": cfg.normalize, "build": cfg.to_dict()}
+    manifest = {
+        "model_name": name,
+        "normalized": cfg.normalize,
+        "build": {"model_name": name, **cfg.to_dict()},
+    }
     if vectors is not None:
         return ContextualIndex(vectors, entries, manifest=manifest)
     assert root is not None  # streamed to disk: write the entry table and manifest last
@@ -225,10 +289,10 @@ def build_index(
         root,
         B.make_manifest(
             hidden_dim=builder.hidden_dim,
-            layers=cfg.layers,
+            layers=chosen,
             dtype=B.parse_dtype(cfg.storage_dtype),
             num_entries=len(entries),
-            rows_per_layer=dict.fromkeys(cfg.layers, len(entries)),
+            rows_per_layer=dict.fromkeys(chosen, len(entries)),
             extra=manifest,
             bank_id=builder.bank_id,
         ),
@@ -316,12 +380,11 @@ class _Builder:
         cfg: BuildConfig,
         ids: list[list[int]],
         plan: Plan,
-        batch_size: int,
-        shard_sentences: int,
         show_progress: bool,
     ) -> None:
         self.model, self.cfg, self.ids, self.plan = model, cfg, ids, plan
-        self.batch_size = batch_size
+        self.batch_size = cfg.batch_size
+        shard_sentences = cfg.shard_sentences
         self.show_progress = show_progress
         self.device = _model_device(model)
         self.storage = B.parse_dtype(cfg.storage_dtype)
@@ -451,7 +514,6 @@ class _Builder:
     def _run_shard(
         self, shard: list[int], bar: tqdm
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        from latentlens.models.hooks import get_hidden_states
 
         slots_all: list[int] = []
         parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.cfg.layers}

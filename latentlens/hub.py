@@ -49,6 +49,7 @@ def download_bank(
                 f"layer {layer} of {repo_id} ({name}) is not {where}; download it while "
                 "online or ask for cached layers only"
             ) from e
+
     try:
         config_path = fetch(C.CONFIG_FILE)
     except missing_errors:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +14,12 @@ from latentlens import bank as B
 from latentlens import constants as C
 from latentlens.atomic import read_json
 from latentlens.errors import BankFormatError, BankNotFoundError, LatentLensError
+from latentlens.hub import download_bank
+from latentlens.results import Neighbor
 from latentlens.search import Precision, RowNorms, SearchHits, checked_norms, search_banks
+from latentlens.streaming import FileRows
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Neighbor:
-    """One nearest contextual neighbour of a query vector."""
-
-    token_str: str
-    similarity: float
-    caption: str = ""
-    position: int = -1
-    token_id: int = -1
-    contextual_layer: int = -1
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (the field names of the original release's JSON)."""
-        return asdict(self)
 
 
 class ContextualIndex:
@@ -192,7 +178,6 @@ class ContextualIndex:
                 raise BankFormatError(
                     "mmap=True streams rows from disk on the CPU in their stored dtype"
                 )
-            from latentlens.streaming import FileRows
 
             streamed: dict[int, Any] = {x: FileRows(B.layer_path(root, x)) for x in chosen}
             maps = {x: B.layer_rows(root, x)[1] for x in chosen}
@@ -259,7 +244,6 @@ class ContextualIndex:
         """
         if Path(repo_id).is_dir():
             return cls.from_directory(repo_id, layers=layers, device=device, dtype=dtype)
-        from latentlens.hub import download_bank
 
         local = download_bank(repo_id, layers=layers, revision=revision, cache_dir=cache_dir)
         return cls.from_directory(local, layers=layers, device=device, dtype=dtype)

@@ -2,209 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from latentlens.index import ContextualIndex
-from latentlens.lenses.base import Lens, Prediction, TokenDecoder, as_tokenizer
+from latentlens.lenses import EmbeddingLens, LatentLens, LogitLens
+from latentlens.lenses.base import Lens, TokenDecoder, as_tokenizer
 from latentlens.models.hooks import get_hidden_states, validate_layers
 from latentlens.models.registry import num_layers
+from latentlens.results import InterpretResult
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    pass
 
 logger = logging.getLogger(__name__)
 
 LensName = Literal["latent", "logit", "embedding"]
 LENS_NAMES: tuple[str, ...] = ("latent", "logit", "embedding")
-
-
-@dataclass
-class InterpretResult:
-    """What each lens reads at each (layer, position) of one sequence.
-
-    Attributes:
-        tokens: decoded input token at each chosen position.
-        token_ids: input token id at each chosen position.
-        positions: the chosen positions (indices into the model's input sequence).
-        layers: the hidden-state layers read (0 = embeddings, i = output of block i).
-        predictions: ``{lens name: [layer][position][rank] Prediction}``, aligned with
-            :attr:`layers` and :attr:`positions`.
-        score_names: ``{lens name: "logit" | "cosine"}``.
-        text: the input text ('' when token ids were given).
-        model_name: the model's name or path, if known.
-    """
-
-    tokens: list[str]
-    token_ids: list[int]
-    positions: list[int]
-    layers: list[int]
-    predictions: dict[str, list[list[list[Prediction]]]]
-    score_names: dict[str, str]
-    text: str = ""
-    model_name: str = ""
-    lens_info: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def lenses(self) -> list[str]:
-        """Names of the lenses run, in order."""
-        return list(self.predictions)
-
-    def get(self, lens: str, layer: int, position: int) -> list[Prediction]:
-        """Predictions of ``lens`` at one ``layer`` and input ``position``, best first.
-
-        Raises:
-            KeyError: the lens, layer or position was not part of the run.
-        """
-        preds = self._lens(lens)
-        if layer not in self.layers:
-            raise KeyError(f"layer {layer} was not read; layers: {self.layers}")
-        if position not in self.positions:
-            raise KeyError(f"position {position} was not read; positions: {self.positions}")
-        return preds[self.layers.index(layer)][self.positions.index(position)]
-
-    def top_tokens(self, lens: str) -> list[list[str]]:
-        """Top-1 token string per ``[layer][position]``."""
-        return [[p[0].token_str if p else "" for p in row] for row in self._lens(lens)]
-
-    def top_scores(self, lens: str) -> torch.Tensor:
-        """Top-1 score per ``[layer, position]``, float32 (NaN where nothing was found)."""
-        return torch.tensor(
-            [[p[0].score if p else float("nan") for p in row] for row in self._lens(lens)],
-            dtype=torch.float32,
-        )
-
-    def _lens(self, lens: str) -> list[list[list[Prediction]]]:
-        if lens not in self.predictions:
-            raise KeyError(f"lens {lens!r} was not run; lenses: {self.lenses}")
-        return self.predictions[lens]
-
-    # ── output ────────────────────────────────────────────────────────────────────────
-
-    def table(self, lenses: Sequence[str] | None = None, top_k: int | None = None) -> str:
-        """A plain-text report: per lens and layer, each position's predictions.
-
-        LatentLens neighbours get one line each with their bank layer and caption; the
-        baselines list their tokens on one line per position.
-        """
-        lines: list[str] = []
-        width = max((len(_show(t)) for t in self.tokens), default=4)
-        width = min(max(width, 5), 24)
-        for name in lenses or self.lenses:
-            preds = self._lens(name)
-            fmt = "{:.2f}" if self.score_names.get(name) == "logit" else "{:.3f}"
-            head = f"== {name} lens (score: {self.score_names.get(name, 'score')}) "
-            lines.append(head + "=" * max(3, 78 - len(head)))
-            for li, layer in enumerate(self.layers):
-                lines.append(f"layer {layer}")
-                for pi, pos in enumerate(self.positions):
-                    row = preds[li][pi][:top_k]
-                    label = f"  {pos:>4} {_show(self.tokens[pi]):<{width}}"
-                    if row and row[0].is_contextual:
-                        lines.append(label.rstrip())
-                        for p in row:
-                            lines.append(
-                                f"{'':>8}{p.score:7.3f}  L{p.contextual_layer:<3} "
-                                f"{_show(p.token_str):<14} {_clip(p.caption, 90)}"
-                            )
-                    else:
-                        cells = "  ".join(
-                            f"{_show(p.token_str)} {fmt.format(p.score)}" for p in row
-                        )
-                        lines.append(f"{label}  {cells}")
-            lines.append("")
-        return "\n".join(lines).rstrip() + "\n"
-
-    def __str__(self) -> str:
-        return self.table()
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict; ``lenses[name]["predictions"]`` is ``[layer][position][rank]``."""
-        return {
-            "text": self.text,
-            "model": self.model_name,
-            "layers": list(self.layers),
-            "positions": list(self.positions),
-            "tokens": list(self.tokens),
-            "token_ids": list(self.token_ids),
-            "lenses": {
-                name: {
-                    "score": self.score_names.get(name, ""),
-                    **({"info": self.lens_info[name]} if name in self.lens_info else {}),
-                    "predictions": [
-                        [[p.to_dict() for p in cell] for cell in row] for row in preds
-                    ],
-                }
-                for name, preds in self.predictions.items()
-            },
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> InterpretResult:
-        """Inverse of :meth:`to_dict`."""
-        lenses = d.get("lenses", {})
-        return cls(
-            tokens=[str(t) for t in d["tokens"]],
-            token_ids=[int(t) for t in d["token_ids"]],
-            positions=[int(p) for p in d["positions"]],
-            layers=[int(x) for x in d["layers"]],
-            predictions={
-                name: [
-                    [[Prediction.from_dict(p) for p in cell] for cell in row]
-                    for row in v["predictions"]
-                ]
-                for name, v in lenses.items()
-            },
-            score_names={name: str(v.get("score", "")) for name, v in lenses.items()},
-            text=str(d.get("text", "")),
-            model_name=str(d.get("model", "")),
-            lens_info={name: dict(v["info"]) for name, v in lenses.items() if "info" in v},
-        )
-
-    def to_json(self, path: str | os.PathLike[str] | None = None, indent: int | None = 1) -> str:
-        """The :meth:`to_dict` form as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
-        if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
-        return text
-
-    def plot(self, path: str | os.PathLike[str] | None = None, lens: str | None = None) -> Figure:
-        """Tokens × layers grid of the top word per cell, coloured by score.
-
-        Args:
-            path: save the figure here (format from the suffix, e.g. ``.png``).
-            lens: one lens's grid; default: that lens if only one ran, else all side by side.
-
-        Returns:
-            The matplotlib ``Figure`` (not shown; no pyplot state is touched).
-        """
-        from latentlens.viz import compare_lenses, lens_grid
-
-        if lens is None and len(self.lenses) > 1:
-            fig = compare_lenses(self)
-        else:
-            fig = lens_grid(self, lens)
-        if path is not None:
-            fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
-        return fig
-
-
-def _show(s: str) -> str:
-    """A token for display: quoted like repr, so spaces and newlines are visible."""
-    return repr(s)
-
-
-def _clip(s: str, n: int) -> str:
-    s = s.replace("\n", " ")
-    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 # ── running the lenses ────────────────────────────────────────────────────────────────
@@ -268,7 +86,6 @@ def make_lens(
     Raises:
         ValueError: an unknown name, or "latent" without an ``index``.
     """
-    from latentlens.lenses import EmbeddingLens, LatentLens, LogitLens
 
     if name == "logit":
         return LogitLens(model, tokenizer, top_k, **kwargs)

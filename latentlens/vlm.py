@@ -1,4 +1,7 @@
-"""Visual tokens of Hugging Face VLMs: which sequence positions hold them, and their patch grid.
+"""Visual tokens of Hugging Face VLMs: where they sit, their patch grid, their hidden states.
+
+`visual_token_states` is the one route from images to per-layer visual-token states with
+their grid addresses; `locate_visual_tokens` finds the positions and the grid.
 
 Supported through the registry's ``visual_grid`` fact: Qwen2-VL / Qwen2.5-VL (the
 processor's ``image_grid_thw`` divided by the spatial merge size, tokens row-major over the
@@ -8,6 +11,7 @@ merged grid) and LLaVA-style models (a square grid of all image tokens, row-majo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from latentlens.errors import LatentLensError
+from latentlens.models.hooks import get_hidden_states
 from latentlens.models.registry import get_arch, get_config_attr, image_token_id
 
 
@@ -134,3 +139,73 @@ def encode_image_prompt(
         kwargs["images_kwargs"] = {"size": {"shortest_edge": pixels, "longest_edge": pixels}}
     out = processor(text=[token + prompt], images=[image], return_tensors="pt", **kwargs)
     return dict(out)
+
+
+DEFAULT_PROMPT = "Describe this image in detail."
+
+
+@dataclass
+class ImageStates:
+    """The visual tokens of one image: their hidden states per layer and their grid.
+
+    Attributes:
+        states: ``{layer: [N, d]}`` hidden states of the N visual tokens, in patch order
+            (row-major: token ``i`` is patch ``(i // W, i % W)``).
+        tokens: where they sit in the sequence and their ``(H, W)`` grid.
+        image: the image as the model saw it (after any crop/resize).
+    """
+
+    states: dict[int, torch.Tensor]
+    tokens: VisualTokens
+    image: Image.Image
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(H, W)`` of the patch grid."""
+        return self.tokens.grid
+
+
+@torch.inference_mode()
+def visual_token_states(
+    model: Any,
+    processor: Any,
+    images: Iterable[Any],
+    layers: Sequence[int],
+    *,
+    size: int | None = None,
+    prompt: str = DEFAULT_PROMPT,
+) -> list[ImageStates]:
+    """The one route from images to per-layer visual-token states with grid addresses.
+
+    Each image (a path or PIL image; RGB, EXIF-rotated) is optionally centre-cropped and
+    resized to ``size``, fed as ``<image token>`` + ``prompt`` (plain text), its visual
+    tokens are located by the model's image-token id and mapped to the patch grid (the
+    registry's ``visual_grid`` fact), and one forward that stops after the deepest layer
+    gives their states. Used by `explain_image`, reproduce's off-the-shelf VLM runs and,
+    through its own adapter, by the connector VLMs of `molmo`.
+
+    Args:
+        model: a HF VLM (Qwen2-VL, Qwen2.5-VL, LLaVA-style).
+        processor: its processor.
+        images: paths or PIL images.
+        layers: hidden-state indices of the language model (0 = merged vision features).
+        size: side of the square each image is centre-cropped and resized to (``None``:
+            as is).
+        prompt: text after the image token.
+
+    Returns:
+        One :class:`ImageStates` per image, states ``[N, d]`` on the model's device.
+    """
+    device = next(model.parameters()).device
+    wanted = sorted({int(x) for x in layers})
+    out = []
+    for image in images:
+        view = load_image(image)
+        view = square_crop_resize(view, size) if size else view
+        inputs = encode_image_prompt(processor, view, prompt)
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        tokens = locate_visual_tokens(model, inputs["input_ids"], inputs.get("image_grid_thw"))
+        states = get_hidden_states(model, layers=wanted, **inputs)
+        pos = tokens.positions.to(device)
+        out.append(ImageStates({x: states[x][0, pos] for x in wanted}, tokens, view))
+    return out

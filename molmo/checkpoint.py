@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from latentlens.atomic import atomic_path
 from latentlens.bank import safe_torch_load
 from latentlens.errors import BankFormatError, LatentLensError
-from molmo.config import N_SPECIAL_EMBEDDINGS, MolmoConfig
+from molmo.config import N_SPECIAL_EMBEDDINGS, MolmoConfig, get_config
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +147,6 @@ def download_connector(
         Local path of the file.
     """
     from huggingface_hub import hf_hub_download
-
-    from molmo.config import get_config
 
     config = name if isinstance(name, MolmoConfig) else get_config(name)
     path = hf_hub_download(

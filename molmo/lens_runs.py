@@ -36,6 +36,7 @@ from torch import nn
 from latentlens import distributed as D
 from latentlens.atomic import write_json
 from latentlens.index import ContextualIndex
+from latentlens.lenses import EmbeddingLens, LatentLens, LogitLens
 from molmo.config import default_query_layers
 from molmo.model import VisualStates
 from molmo.processing import ImageInput
@@ -138,7 +139,6 @@ def _build_lenses(
     top_k: int,
     embedding_original: bool,
 ) -> dict[LensName, Any]:
-    from latentlens.lenses import EmbeddingLens, LatentLens, LogitLens
 
     built: dict[LensName, Any] = {}
     for name in lenses:

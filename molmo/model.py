@@ -25,7 +25,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from latentlens.models import get_hidden_states, get_input_embeddings, hidden_size, num_layers
+from latentlens.models import (
+    get_hidden_states,
+    get_input_embeddings,
+    hidden_size,
+    load_config,
+    load_model,
+    num_layers,
+)
 from latentlens.models.hooks import validate_layers
 from molmo.checkpoint import (
     CheckpointError,
@@ -240,7 +247,6 @@ class MolmoModel(nn.Module):
             KeyError: unknown model name.
             CheckpointError: the connector file is missing, unsafe or does not match.
         """
-        from latentlens.models import load_config, load_model
 
         config = name if isinstance(name, MolmoConfig) else get_config(name)
         torch_dtype = resolve_dtype(dtype, device)
@@ -392,7 +398,9 @@ class MolmoModel(nn.Module):
         deeper = [x for x in wanted if x > 0]
         if deeper:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            states = get_hidden_states(self.llm, layers=deeper, inputs_embeds=embeds, attention_mask=mask)
+            states = get_hidden_states(
+                self.llm, layers=deeper, inputs_embeds=embeds, attention_mask=mask
+            )
             hidden.update({x: states[x][:, pos] for x in deeper})
         return VisualStates(connector=connector_out, hidden=hidden, grid=self.grid)
 

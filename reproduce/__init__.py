@@ -8,7 +8,6 @@ the library imports it. ``python -m reproduce --help`` lists the steps;
 
 from __future__ import annotations
 
-from reproduce.layout import PAPER_MODELS, Layout, bank_name, model_kind, run_folder
 from reproduce.data.pixmo import (
     HubListing,
     ImageRecord,
@@ -20,6 +19,7 @@ from reproduce.data.pixmo import (
     read_listing,
     read_manifest,
 )
+from reproduce.layout import PAPER_MODELS, Layout, bank_name, model_kind, run_folder
 
 __all__ = [
     "PAPER_MODELS",

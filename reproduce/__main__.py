@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from latentlens.cli import parse_layers
+from latentlens.options import parse_layers
 
 DEFAULT_OUT = "out/paper"
 DEFAULT_TINY_OUT = "out/tiny"
@@ -52,8 +52,8 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _setup(out: str | None, tiny: bool, models: str | None) -> tuple[Any, list[str]]:
-    from reproduce.layout import Layout, parse_models
     from reproduce.data.tiny import TINY_MODELS
+    from reproduce.layout import Layout, parse_models
 
     layout = Layout.at(out or (DEFAULT_TINY_OUT if tiny else DEFAULT_OUT))
     names = parse_models(models, TINY_MODELS) if tiny else parse_models(models)
@@ -167,7 +167,10 @@ def download(
 )
 @click.option("--device", default=None, help="cuda / cpu [default: cuda if available].")
 @click.option(
-    "--dtype", default=None, help="Model compute dtype [default: fp16 on CUDA, fp32 on CPU]."
+    "--model-dtype",
+    "dtype",
+    default=None,
+    help="Model compute dtype [default: fp16 on CUDA, fp32 on CPU].",
 )
 def extract(
     out: str | None,
@@ -184,8 +187,9 @@ def extract(
     dtype: str | None,
 ) -> None:
     """Step 2: build a bank per LLM in paper mode (reservoir cap 20, seed 42, fp8), resumably."""
-    from reproduce.steps.banks import PaperBankSettings, extract_banks
+    from latentlens.extract import BuildConfig
     from reproduce.layout import bank_name
+    from reproduce.steps.banks import extract_banks
 
     layout, names = _setup(out, tiny, models)
     wanted = _names(banks) or list(dict.fromkeys(bank_name(m) for m in names))
@@ -206,7 +210,7 @@ def extract(
         corpus,
         sources=sources,
         layers=parse_layers(bank_layers),
-        settings=PaperBankSettings(cap=cap),
+        settings=BuildConfig.paper(cap=cap),
         batch_size=bank_batch_size,
         device=device,
         dtype=dtype,
@@ -259,7 +263,10 @@ def extract(
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--device", default=None, help="cuda / cpu [default: cuda if available].")
 @click.option(
-    "--dtype", default=None, help="fp16 / bf16 / fp32 [default: fp16 on CUDA, fp32 on CPU]."
+    "--model-dtype",
+    "dtype",
+    default=None,
+    help="Model compute dtype: fp16 / bf16 / fp32 [default: fp16 on CUDA, fp32 on CPU].",
 )
 def lenses(
     out: str | None,
@@ -280,9 +287,9 @@ def lenses(
 ) -> None:
     """Step 3: the three lenses at every layer of each model, over N evaluation images."""
     from latentlens import distributed as D
+    from reproduce.data.pixmo import ImageSourceError
     from reproduce.judge.names import LENSES
     from reproduce.steps.lenses import PIXMO_SOURCE, images_for_run, run_model
-    from reproduce.data.pixmo import ImageSourceError
 
     D.init_from_env()  # under torchrun the images are split across the ranks
     layout, names = _setup(out, tiny, models)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from molmo.lens_runs import LENS_DIRS
 from reproduce.judge.names import CONNECTOR_MODELS, QWEN2VL
 
 ModelKind = Literal["molmo", "qwen2vl"]
@@ -106,7 +107,6 @@ class Layout:
 
     def lens_dir(self, lens: str, model: str) -> Path:
         """Folder of one lens's per-layer files for one model."""
-        from molmo.lens_runs import LENS_DIRS
 
         return self.lenses / LENS_DIRS[lens] / run_folder(model)  # type: ignore[index]
 

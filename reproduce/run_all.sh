@@ -22,9 +22,9 @@ interrupted run continues where it stopped when run again with the same flags.
 Flags passed to the steps that take them (see reproduce/stepN_*.sh --help):
   step 1   --base --no-public-bank --cache-dir DIR --bank-layers LIST
   step 2   --corpus FILE --banks LIST --qwen2vl-bank public|build --bank-layers LIST --cap N
-           --bank-batch-size N --device DEV --dtype DT
+           --bank-batch-size N --device DEV --model-dtype DT
   step 3   --images SRC --num-images N --molmo-split --image-cache DIR --retry-failed
-           --layers LIST --lenses LIST --top-k K --batch-size N --device DEV --dtype DT
+           --layers LIST --lenses LIST --top-k K --batch-size N --device DEV --model-dtype DT
   step 4   --base-url URL --judge-model M --api-key-env VAR --fake-judge --lenses LIST
            --patches-per-layer N --seed S --concurrency N --max-retries N --timeout S
            --backoff S --reasoning-effort E --temperature T --max-completion-tokens N
@@ -57,7 +57,7 @@ while (($#)); do
     --cache-dir) S1+=("$1" "$v") ;;
     --bank-layers) S1+=("$1" "$v"); S2+=("$1" "$v") ;;
     --corpus|--banks|--qwen2vl-bank|--cap|--bank-batch-size) S2+=("$1" "$v") ;;
-    --device|--dtype) S2+=("$1" "$v"); S3+=("$1" "$v") ;;
+    --device|--model-dtype) S2+=("$1" "$v"); S3+=("$1" "$v") ;;
     --images|--num-images|--image-cache|--layers|--top-k|--batch-size) S3+=("$1" "$v") ;;
     --lenses) S3+=("$1" "$v"); S4+=("$1" "$v") ;;
     --base-url|--judge-model|--api-key-env|--patches-per-layer|--seed|--concurrency|\

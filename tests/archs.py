@@ -233,7 +233,9 @@ def markdown(outcomes: list[Outcome]) -> str:
         lines += ["| fails | why | what latentlens says |", "| --- | --- | --- |"]
         for o in failing:
             detail = o.detail.replace("|", "\\|")
-            lines.append(f"| `{o.model_type}` | {KNOWN_FAILING.get(o.model_type, '?')} | {detail} |")
+            lines.append(
+                f"| `{o.model_type}` | {KNOWN_FAILING.get(o.model_type, '?')} | {detail} |"
+            )
         lines.append("")
     skipped = [o for o in outcomes if o.status == "not buildable"]
     if skipped:

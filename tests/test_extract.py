@@ -18,7 +18,7 @@ import torch
 from latentlens import ContextualIndex
 from latentlens.corpus import load_corpus
 from latentlens.errors import CorpusError
-from latentlens.extract import _Builder, auto_layers, build_index
+from latentlens.extract import BuildConfig, _Builder, auto_layers, build_index
 from latentlens.selection import plan_entries
 from tests.tiny import SENTENCES, tiny_causal_lm, tiny_tokenizer
 
@@ -153,9 +153,7 @@ def test_paper_mode_raw_fp8_reservoir(tmp_path):
         model=model,
         tokenizer=tok,
         show_progress=False,
-        sampling="reservoir",
-        max_contexts_per_token=2,
-        storage_dtype="float8_e4m3fn",
+        config=BuildConfig.paper(cap=2),
         output_dir=tmp_path / "bank",
     )
     e = index.entries
@@ -333,3 +331,42 @@ def test_smollm2_finds_itself_and_separates_word_senses():
         assert sum(any(w in h.caption for w in wanted) for h in hits) >= 2, [
             h.caption for h in hits
         ]
+
+
+def test_build_config_presets_and_overrides():
+    paper, library = BuildConfig.paper(), BuildConfig.library()
+    assert (paper.cap, paper.sampling, paper.skip_first, paper.dedup, paper.normalize) == (
+        20,
+        "reservoir",
+        0,
+        False,
+        False,
+    )
+    assert paper.storage_dtype == "float8_e4m3fn" and library.storage_dtype == "float16"
+    assert (library.cap, library.skip_first, library.dedup) == (50, 2, True)
+    assert BuildConfig.paper(cap=5).cap == 5 and library.replace(layers=[8, 1]).layers == (1, 8)
+    with pytest.raises(TypeError, match="unknown build setting"):
+        library.replace(sampler="first")
+    with pytest.raises(ValueError, match="sampling"):
+        BuildConfig(sampling="random")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="storage_dtype|bank dtype"):
+        BuildConfig(storage_dtype="int8")
+    model, tok = tiny_causal_lm("llama"), tiny_tokenizer()
+    kw = dict(model=model, tokenizer=tok, show_progress=False, layers=[1])
+    a = build_index(None, CORPUS, config=BuildConfig.paper(storage_dtype="float32"), **kw)
+    b = build_index(
+        None,
+        CORPUS,
+        config=BuildConfig.library(),
+        sampling="reservoir",
+        cap=20,
+        skip_first=0,
+        dedup=False,
+        normalize=False,
+        storage_dtype="float32",
+        **kw,
+    )
+    assert torch.equal(a.embeddings(1), b.embeddings(1))
+    assert a.manifest["build"]["sampling"] == "reservoir"
+    with pytest.raises(TypeError, match="unknown build setting"):
+        build_index(None, CORPUS, samplin="first", **kw)

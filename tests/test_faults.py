@@ -27,7 +27,9 @@ from tests.tiny import SENTENCES, tiny_causal_lm, tiny_tokenizer
 
 
 def _meta(n: int) -> list[dict]:
-    return [{"token_str": f"t{i}", "token_id": i, "caption": f"c{i}", "position": 2} for i in range(n)]
+    return [
+        {"token_str": f"t{i}", "token_id": i, "caption": f"c{i}", "position": 2} for i in range(n)
+    ]
 
 
 # ── the threshold with beta = 0 ──────────────────────────────────────────────────────

@@ -31,8 +31,15 @@ def llama():
 @pytest.fixture(scope="module")
 def bank(llama) -> ContextualIndex:
     model, tok = llama
-    return build_index("tiny-llama", SENTENCES, layers=[1, 3], model=model, tokenizer=tok,
-                       max_contexts_per_token=3, show_progress=False)
+    return build_index(
+        "tiny-llama",
+        SENTENCES,
+        layers=[1, 3],
+        model=model,
+        tokenizer=tok,
+        max_contexts_per_token=3,
+        show_progress=False,
+    )
 
 
 def test_default_run_shapes(llama) -> None:
@@ -66,8 +73,9 @@ def test_lenses_through_interpret_equal_the_lenses_on_the_same_vectors(llama, ba
         for pi, neighbors in enumerate(bank.search(vectors, top_k=4)):
             got = result.get("latent", layer, result.positions[pi])
             assert got == result.predictions["latent"][li][pi]
-            assert [(p.token_str, p.caption, p.position, p.contextual_layer, p.score)
-                    for p in got] == [
+            assert [
+                (p.token_str, p.caption, p.position, p.contextual_layer, p.score) for p in got
+            ] == [
                 (n.token_str, n.caption, n.position, n.contextual_layer, n.similarity)
                 for n in neighbors
             ]
@@ -122,8 +130,15 @@ def test_inputs_padding_and_errors(llama) -> None:
 
 def test_result_table_and_json_round_trip(llama, bank, tmp_path) -> None:
     model, tok = llama
-    result = interpret(model, tok, "the cat sleeps", layers=[1, 3],
-                       lenses=["latent", "logit", "embedding"], index=bank, top_k=2)
+    result = interpret(
+        model,
+        tok,
+        "the cat sleeps",
+        layers=[1, 3],
+        lenses=["latent", "logit", "embedding"],
+        index=bank,
+        top_k=2,
+    )
     table = result.table()
     assert "== latent lens (score: cosine)" in table and "== logit lens (score: logit)" in table
     assert "layer 3" in table and "'sleeps'" in table
@@ -134,7 +149,7 @@ def test_result_table_and_json_round_trip(llama, bank, tmp_path) -> None:
     data = json.loads((tmp_path / "r.json").read_text())
     assert data == json.loads(text)
     assert data["lenses"]["latent"]["predictions"][1][3][0]["caption"] == top.caption
-    assert "caption" not in data["lenses"]["logit"]["predictions"][0][0][0]
+    assert data["lenses"]["logit"]["predictions"][0][0][0]["contextual_layer"] == -1
     again = InterpretResult.from_dict(data)
     assert again == result
 

@@ -14,6 +14,7 @@ from latentlens.lenses import (
     EmbeddingLens,
     LatentLens,
     LogitLens,
+    Neighbor,
     Prediction,
     special_token_ids,
     untrained_rows,
@@ -26,6 +27,7 @@ from latentlens.models import (
     get_output_embeddings,
     num_layers,
 )
+from latentlens.results import neighbor_line
 from tests.tiny import PAD_ID, SENTENCES, tiny_causal_lm, tiny_tokenizer
 
 N_SPECIAL = 4  # <pad> <unk> <s> </s> are ids 0..3 of the tiny tokenizer
@@ -67,8 +69,16 @@ def _logits_by_hand(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("model_type", "tied"),
-    [("gpt2", True), ("gpt2", False), ("llama", False), ("llama", True), ("qwen2", False),
-     ("qwen2", True), ("gemma2", True), ("cohere", True)],
+    [
+        ("gpt2", True),
+        ("gpt2", False),
+        ("llama", False),
+        ("llama", True),
+        ("qwen2", False),
+        ("qwen2", True),
+        ("gemma2", True),
+        ("cohere", True),
+    ],
 )
 def test_logit_lens_on_last_layer_is_the_models_own_logits(model_type: str, tied: bool) -> None:
     model = tiny_causal_lm(model_type, tie_word_embeddings=tied)
@@ -143,16 +153,25 @@ def test_lens_call_nests_like_the_input_and_decodes() -> None:
         lens(hidden, top_k=0)
 
 
-def test_prediction_dict_round_trip() -> None:
-    p = Prediction("cat", 7, 0.5)
-    assert p.to_dict() == {"token_str": "cat", "token_id": 7, "score": 0.5}
-    q = Prediction("cat", 7, 0.5, caption="a cat", position=2, contextual_layer=3)
-    assert set(q.to_dict()) == {"token_str", "token_id", "score", "caption", "position",
-                                "contextual_layer"}
-    assert Prediction.from_dict(p.to_dict()) == p and Prediction.from_dict(q.to_dict()) == q
-
-
-# --- EmbeddingLens --------------------------------------------------------------------------
+def test_one_result_type_for_every_lens() -> None:
+    assert Prediction is Neighbor  # one type; the old name is an alias
+    p = Neighbor(token_str="cat", similarity=0.5, token_id=7)
+    assert p.to_dict() == {
+        "token_str": "cat",
+        "similarity": 0.5,
+        "caption": "",
+        "position": -1,
+        "token_id": 7,
+        "contextual_layer": -1,
+    }
+    assert p.score == 0.5 and not p.is_contextual
+    q = Neighbor("cat", 0.5, caption="a cat", position=2, token_id=7, contextual_layer=3)
+    assert q.is_contextual
+    assert Neighbor.from_dict(p.to_dict()) == p and Neighbor.from_dict(q.to_dict()) == q
+    old = {"token_str": "cat", "token_id": 7, "score": 0.5}  # files written before
+    assert Neighbor.from_dict(old) == p
+    assert neighbor_line(q) == " 0.500  L3   'cat'          a cat"
+    assert neighbor_line(p) == " 0.500  'cat'"
 
 
 def _brute_embedding(weight: torch.Tensor, allowed: torch.Tensor, q: torch.Tensor, k: int):
@@ -190,7 +209,7 @@ def test_embedding_lens_matches_brute_force_with_holes_inside() -> None:
     lens = EmbeddingLens(model, tok, top_k=6, exclude_ids=[7, 40])
     allowed = torch.ones(128, dtype=torch.bool)
     allowed[[0, 1, 2, 3, 7, 10, 20, 30, 40]] = False
-    allowed[len(tok):] = False
+    allowed[len(tok) :] = False
     assert sorted(lens.excluded_ids) == sorted((~allowed).nonzero().flatten().tolist())
     assert lens._n_inner == 5  # 7, 10, 20, 30, 40 lie inside the searched view
     # Queries near excluded rows push them to the top of an unfiltered search.
@@ -274,10 +293,9 @@ def test_latent_lens_equals_index_search() -> None:
     want = index.search(queries.reshape(10, 32), top_k=4)
     for q in range(10):
         got = out[q // 5][q % 5]
-        assert [(p.token_str, p.token_id, p.caption, p.position, p.contextual_layer)
-                for p in got] == [
-            (n.token_str, n.token_id, n.caption, n.position, n.contextual_layer) for n in want[q]
-        ]
+        assert [
+            (p.token_str, p.token_id, p.caption, p.position, p.contextual_layer) for p in got
+        ] == [(n.token_str, n.token_id, n.caption, n.position, n.contextual_layer) for n in want[q]]
         assert [p.score for p in got] == [n.similarity for n in want[q]]
     scores, ids = lens.topk(queries.reshape(10, 32))
     assert ids[3].tolist() == [n.token_id for n in want[3]]

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from latentlens import InterpretResult, interpret
-from latentlens.viz import cell_label, compare_lenses, lens_grid
+from latentlens.viz import cell_label, compare_lenses, lens_grid, plot_result
 from tests.tiny import SENTENCES, tiny_causal_lm, tiny_tokenizer
 
 
@@ -65,10 +65,10 @@ def test_compare_lenses_and_png(result, tmp_path) -> None:
 
 
 def test_plot_from_result_and_from_json(result, tmp_path) -> None:
-    fig = result.plot(tmp_path / "one.png", lens="logit")
+    fig = plot_result(result, tmp_path / "one.png", lens="logit")
     assert len(_images(fig)) == 1 and (tmp_path / "one.png").stat().st_size > 5000
     again = InterpretResult.from_dict(result.to_dict())
-    fig2 = again.plot(tmp_path / "both.png")
+    fig2 = plot_result(again, tmp_path / "both.png")
     assert len(_images(fig2)) == 2
     png = np.asarray(Image.open(tmp_path / "both.png").convert("L"))
     assert png.min() < 50 and png.max() > 200

@@ -1,64 +1,17 @@
-"""The ``Lens`` interface shared by LatentLens, LogitLens and EmbeddingLens, and ``Prediction``."""
+"""The ``Lens`` interface shared by LatentLens, LogitLens and EmbeddingLens."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from latentlens.errors import InvalidQueryError
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One token a lens reads out of a hidden state.
-
-    Attributes:
-        token_str: the decoded token (``tokenizer.decode([token_id])``).
-        token_id: its vocabulary id.
-        score: the logit (LogitLens) or cosine similarity (LatentLens, EmbeddingLens).
-        caption: LatentLens only: the sentence the contextual neighbour came from.
-        position: LatentLens only: the neighbour's index among its sentence's tokens.
-        contextual_layer: LatentLens only: the bank layer the neighbour was found in.
-    """
-
-    token_str: str
-    token_id: int
-    score: float
-    caption: str = ""
-    position: int = -1
-    contextual_layer: int = -1
-
-    @property
-    def is_contextual(self) -> bool:
-        """Whether this is a contextual-bank neighbour (it carries caption and bank layer)."""
-        return self.contextual_layer >= 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict; the LatentLens-only fields appear only for contextual neighbours."""
-        d = asdict(self)
-        if not self.is_contextual:
-            for key in ("caption", "position", "contextual_layer"):
-                d.pop(key)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Prediction:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            token_str=str(d["token_str"]),
-            token_id=int(d["token_id"]),
-            score=float(d["score"]),
-            caption=str(d.get("caption", "")),
-            position=int(d.get("position", -1)),
-            contextual_layer=int(d.get("contextual_layer", -1)),
-        )
-
+from latentlens.errors import DimensionMismatchError, InvalidQueryError
+from latentlens.results import Neighbor
 
 NestedPredictions = Any
-"""``list[Prediction]`` for one vector, ``list[list[Prediction]]`` for ``[N, d]``, and so on."""
+"""``list[Neighbor]`` for one vector, ``list[list[Neighbor]]`` for ``[N, d]``, and so on."""
 
 
 class Lens(ABC):
@@ -66,12 +19,12 @@ class Lens(ABC):
 
     A lens is built once (it may precompute norms or masks over a vocabulary) and then
     applied to any number of hidden states. Subclasses implement :meth:`topk` (the tensor
-    path for batch work) and :meth:`predict` (rows → :class:`Prediction` lists); calling
+    path for batch work) and :meth:`predict` (rows → :class:`Neighbor` lists); calling
     the lens handles any leading shape.
 
     Attributes:
         name: short name used in tables, JSON and plots ("latent", "logit", "embedding").
-        score_name: what :attr:`Prediction.score` means ("cosine" or "logit").
+        score_name: what :attr:`Neighbor.similarity` means ("cosine" or "logit").
         top_k: predictions per vector unless a call asks for another number.
     """
 
@@ -99,14 +52,14 @@ class Lens(ABC):
         """
 
     @abstractmethod
-    def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Prediction]]:
-        """:class:`Prediction` lists of each row of ``hidden`` ``[N, d]``, best first."""
+    def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Neighbor]]:
+        """:class:`Neighbor` lists of each row of ``hidden`` ``[N, d]``, best first."""
 
     def __call__(self, hidden: torch.Tensor, top_k: int | None = None) -> NestedPredictions:
         """Predictions of every vector of ``hidden`` ``[..., d]``.
 
         All vectors are processed in one batch; the result is nested like the leading
-        dimensions: ``[d]`` gives ``list[Prediction]``, ``[N, d]`` a list of those,
+        dimensions: ``[d]`` gives ``list[Neighbor]``, ``[N, d]`` a list of those,
         ``[B, T, d]`` a list of lists of those.
         """
         flat = self._flatten(hidden)
@@ -125,8 +78,6 @@ class Lens(ABC):
         if hidden.ndim == 0:
             raise InvalidQueryError("a hidden state must have at least one dimension [d]")
         if hidden.shape[-1] != self.hidden_size:
-            from latentlens.errors import DimensionMismatchError
-
             raise DimensionMismatchError(
                 f"hidden states have width {hidden.shape[-1]}, the {self.name} lens reads "
                 f"width {self.hidden_size}"

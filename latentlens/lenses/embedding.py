@@ -9,8 +9,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from latentlens.lenses.base import Lens, Prediction, TokenDecoder, as_tokenizer
+from latentlens.lenses.base import Lens, TokenDecoder, as_tokenizer
 from latentlens.models.registry import get_input_embeddings
+from latentlens.results import Neighbor
 from latentlens.search import Precision, RowNorms, search_banks
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,9 @@ def untrained_rows(weight: torch.Tensor, chunk_elements: int = 2**22) -> torch.T
         groups.setdefault((int(key[i, 0]), int(key[i, 1])), []).append(i)
     for members in groups.values():
         rows = weight[members].detach().cpu()
-        _, inv, cnt = torch.unique(rows.view(int_dtype), dim=0, return_inverse=True,
-                                   return_counts=True)
+        _, inv, cnt = torch.unique(
+            rows.view(int_dtype), dim=0, return_inverse=True, return_counts=True
+        )
         dup = torch.tensor(members)[cnt[inv] > 1]
         mask[dup] = True
     return mask
@@ -145,7 +147,9 @@ class EmbeddingLens(Lens):
                 excluded |= untrained_rows(self.weight)
         finite = torch.isfinite(self.weight).all(dim=1).to(excluded.device)
         if not bool(finite.all()):  # a NaN/inf row would poison every comparison
-            logger.warning("EmbeddingLens: %d non-finite embedding rows excluded", int((~finite).sum()))
+            logger.warning(
+                "EmbeddingLens: %d non-finite embedding rows excluded", int((~finite).sum())
+            )
             excluded |= ~finite
         if bool(excluded.all()):
             raise ValueError("EmbeddingLens: every embedding row is excluded")
@@ -162,7 +166,9 @@ class EmbeddingLens(Lens):
         self._norms = RowNorms.of(self._rows)
         logger.debug(
             "EmbeddingLens: %d of %d rows excluded (%d inside the searched view)",
-            int(excluded.sum()), v, self._n_inner,
+            int(excluded.sum()),
+            v,
+            self._n_inner,
         )
 
     @property
@@ -202,10 +208,14 @@ class EmbeddingLens(Lens):
         ids = torch.where(dead, torch.full_like(rows, -1), rows + self._lo)
         return scores.to(torch.float32).cpu(), ids.cpu()
 
-    def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Prediction]]:
-        """:class:`Prediction` lists (score = cosine) of each row of ``hidden`` ``[N, d]``."""
+    def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Neighbor]]:
+        """:class:`Neighbor` lists (score = cosine) of each row of ``hidden`` ``[N, d]``."""
         scores, ids = self.topk(hidden, top_k)
         return [
-            [Prediction(self.decode(t), t, s) for s, t in zip(row_s, row_i, strict=True) if t >= 0]
+            [
+                Neighbor(token_str=self.decode(t), similarity=s, token_id=t)
+                for s, t in zip(row_s, row_i, strict=True)
+                if t >= 0
+            ]
             for row_s, row_i in zip(scores.tolist(), ids.tolist(), strict=True)
         ]

@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 
 from latentlens.index import ContextualIndex
-from latentlens.lenses.base import Lens, Prediction
+from latentlens.lenses.base import Lens
+from latentlens.results import Neighbor
 from latentlens.search import Precision
 
 
@@ -16,7 +17,7 @@ class LatentLens(Lens):
     """The contextual bank search as a lens.
 
     Every selected bank layer is searched and the global top-k kept by raw cosine
-    (the paper's "allLayers"); each :class:`Prediction` records the caption, position and
+    (the paper's "allLayers"); each :class:`Neighbor` records the caption, position and
     ``contextual_layer`` of its neighbour. Queries are L2-normalised by the search.
 
     Args:
@@ -67,23 +68,10 @@ class LatentLens(Lens):
         scores, _, entry = self.search_tensors(hidden, top_k)
         return scores, self.index.entries.token_id[entry]
 
-    def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Prediction]]:
-        """:class:`Prediction` lists (score = cosine, with caption and bank layer) per row."""
+    def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Neighbor]]:
+        """:class:`Neighbor` lists (cosine, with caption and bank layer) per row."""
         scores, layer, entry = self.search_tensors(hidden, top_k)
-        return [
-            [
-                Prediction(
-                    token_str=n.token_str,
-                    token_id=n.token_id,
-                    score=n.similarity,
-                    caption=n.caption,
-                    position=n.position,
-                    contextual_layer=n.contextual_layer,
-                )
-                for n in row
-            ]
-            for row in self.index.neighbors(scores, layer, entry)
-        ]
+        return self.index.neighbors(scores, layer, entry)
 
     def __repr__(self) -> str:
         return f"LatentLens(top_k={self.top_k}, layers={self.layers}, index={self.index!r})"

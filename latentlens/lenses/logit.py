@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from latentlens.lenses.base import Lens, Prediction, TokenDecoder
 from latentlens.errors import UnsupportedArchitectureError
+from latentlens.lenses.base import Lens, TokenDecoder
 from latentlens.models.registry import (
     finalize_logits,
     get_arch,
@@ -18,6 +18,7 @@ from latentlens.models.registry import (
     get_output_embeddings,
     hidden_size,
 )
+from latentlens.results import Neighbor
 
 # Working-set budget for one block of logits or of head rows converted to fp32 (bytes).
 DEFAULT_CHUNK_BYTES = 64 * 2**20
@@ -179,10 +180,13 @@ class LogitLens(Lens):
             out_i.append(best_i.cpu())
         return torch.cat(out_s), torch.cat(out_i)
 
-    def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Prediction]]:
-        """:class:`Prediction` lists (score = logit) of each row of ``hidden`` ``[N, d]``."""
+    def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Neighbor]]:
+        """:class:`Neighbor` lists (score = logit) of each row of ``hidden`` ``[N, d]``."""
         scores, ids = self.topk(hidden, top_k)
         return [
-            [Prediction(self.decode(t), t, s) for s, t in zip(row_s, row_i, strict=True)]
+            [
+                Neighbor(token_str=self.decode(t), similarity=s, token_id=t)
+                for s, t in zip(row_s, row_i, strict=True)
+            ]
             for row_s, row_i in zip(scores.tolist(), ids.tolist(), strict=True)
         ]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from latentlens.errors import UnsupportedArchitectureError
+from latentlens.models.spec import ArchSpec
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ def find_blocks(model: nn.Module, n_layers: int, embed_path: str | None) -> str:
             "latentlens.models.register_architecture(model_type, ArchSpec(layers=..., ...))."
         )
     native = [p for p in found if not _is_foreign(p)] or found
+
     # Nearest the embeddings (longest shared prefix), then the shallowest.
     def rank(p: str) -> tuple[int, int]:
         shared = len(_common_prefix(p, embed_path).split(".")) if embed_path else 0
@@ -172,7 +174,9 @@ class _Probe:
     hf_last: torch.Tensor | None = None
 
 
-def _probe(model: nn.Module, blocks: nn.ModuleList, head: nn.Module | None, ids: torch.Tensor) -> _Probe:
+def _probe(
+    model: nn.Module, blocks: nn.ModuleList, head: nn.Module | None, ids: torch.Tensor
+) -> _Probe:
     """One tiny full forward recording the last block's output, the head's input, logits."""
     probe = _Probe()
 
@@ -224,13 +228,17 @@ def _pre_head_candidates(
         for name, m in model.named_modules()
         if name and id(m) not in skip and not _is_foreign(name)
     ]
-    norms = [(n, m) for n, m in named if "norm" in type(m).__name__.lower() or "ln" in n.split(".")[-1]]
+    norms = [
+        (n, m) for n, m in named if "norm" in type(m).__name__.lower() or "ln" in n.split(".")[-1]
+    ]
     rest = [(n, m) for n, m in named if (n, m) not in norms and not isinstance(m, nn.ModuleList)]
     yield from reversed(norms)
     yield from reversed(rest)
 
 
-def _apply_logit_keys(config: Any, keys: dict[str, str | None], logits: torch.Tensor) -> torch.Tensor:
+def _apply_logit_keys(
+    config: Any, keys: dict[str, str | None], logits: torch.Tensor
+) -> torch.Tensor:
     out = logits
     if keys.get("logit_scale_attr"):
         out = out * _walk(config, keys["logit_scale_attr"] or "")
@@ -263,8 +271,6 @@ def discover(model: nn.Module, base: Any) -> Any:
 
 
 def _discover(model: nn.Module, base: Any) -> Any:
-    from latentlens.models.registry import ArchSpec
-
     config = model.config  # type: ignore[attr-defined]
     keys = config_keys(config)
     name = f"{type(model).__name__} (model_type {config.model_type!r})"
@@ -274,7 +280,9 @@ def _discover(model: nn.Module, base: Any) -> Any:
     )
     if keys["num_layers_attr"] is None or keys["hidden_size_attr"] is None:
         missing = "layer count" if keys["num_layers_attr"] is None else "hidden size"
-        raise UnsupportedArchitectureError(f"cannot find the {missing} in the config of {name}{how}")
+        raise UnsupportedArchitectureError(
+            f"cannot find the {missing} in the config of {name}{how}"
+        )
     n_layers = int(_walk(config, keys["num_layers_attr"] or ""))
     get_in = getattr(model, "get_input_embeddings", None)
     embeddings = get_in() if callable(get_in) else None
@@ -316,12 +324,12 @@ def _discover(model: nn.Module, base: Any) -> Any:
             )
         logger.warning("final norm of %s guessed by name: %r (unverified)", name, pre_head)
     # The text model: the deepest module holding the blocks, the embeddings and the norm.
-    text_path = _common_prefix(
-        *(p for p in (blocks_path, embed_path, *pre_head.split(",")) if p)
-    )
+    text_path = _common_prefix(*(p for p in (blocks_path, embed_path, *pre_head.split(",")) if p))
     fields: dict[str, Any] = dict(
         layers=_relative(blocks_path, text_path),
-        final_norm=",".join(_relative(p, text_path) for p in pre_head.split(",")) if pre_head else "",
+        final_norm=",".join(_relative(p, text_path) for p in pre_head.split(","))
+        if pre_head
+        else "",
         embed_tokens=_relative(embed_path, text_path) if embed_path else "",
         last_hidden_is_normed=bool(normed) if normed is not None else pre_head != "",
         text_model_path=text_path,
@@ -373,7 +381,9 @@ def _verify(
             # A head with more inside than the output embedding (RoBERTa's lm_head:
             # dense, act, norm, decoder): the smallest ancestor mapping h to the logits.
             # Before it, nothing or one module (a final norm outside the blocks).
-            befores = [("", h)] + [(p, y) for p, m in candidates[:12] if (y := _try(m, h)) is not None]
+            befores = [("", h)] + [
+                (p, y) for p, m in candidates[:12] if (y := _try(m, h)) is not None
+            ]
             for anc_path in _ancestors(head_path):
                 anc = model.get_submodule(anc_path)
                 if any(anc is m for m in (model, blocks, embeddings)) or _contains(anc, blocks):

@@ -15,9 +15,9 @@ from torch import nn
 from latentlens.errors import UnsupportedArchitectureError
 from latentlens.models.registry import (
     get_blocks,
-    hidden_size,
     get_forward_module,
     get_input_embeddings,
+    hidden_size,
     num_layers,
 )
 

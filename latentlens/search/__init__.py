@@ -190,7 +190,9 @@ def search_banks(
     if n_live < q64.shape[0]:
         scores = torch.full((q64.shape[0], k_out), float("nan"), dtype=torch.float64)
         bank_ix = torch.full((q64.shape[0], k_out), -1, dtype=torch.int64)
-        out = SearchHits(scores.to(out_device), bank_ix.to(out_device), bank_ix.clone().to(out_device))
+        out = SearchHits(
+            scores.to(out_device), bank_ix.to(out_device), bank_ix.clone().to(out_device)
+        )
         if n_live:
             hits = _search_unit(q64[live], banks, norms, k, precision, chunk_bytes, query_block)
             rows = live.nonzero()[:, 0].to(out_device)

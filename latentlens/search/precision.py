@@ -126,7 +126,9 @@ def _mm_fp32_out(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def _low_precision_candidates(device: torch.device, storage: torch.dtype, max_norm: float) -> list[torch.dtype]:
+def _low_precision_candidates(
+    device: torch.device, storage: torch.dtype, max_norm: float
+) -> list[torch.dtype]:
     """Low-precision compute dtypes whose bound holds on this device (correctness only)."""
     if device.type == "cuda":
         if storage in _LOW_PRECISION_STORAGE:
@@ -226,8 +228,13 @@ def measured_fastest(
         _MEASURED[key] = chosen
         logger.info(
             "search precision on %s for %s rows of width %d: %s (tile times %s)",
-            device, storage, d, chosen,
-            ", ".join(f"{str(c).removeprefix('torch.')} {t * 1e3:.2f} ms" for c, t in median.items()),
+            device,
+            storage,
+            d,
+            chosen,
+            ", ".join(
+                f"{str(c).removeprefix('torch.')} {t * 1e3:.2f} ms" for c, t in median.items()
+            ),
         )
         return chosen
 

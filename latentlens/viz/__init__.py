@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from latentlens.viz.grid import cell_label, compare_lenses, draw_grid, lens_grid
+from latentlens.viz.grid import cell_label, compare_lenses, draw_grid, lens_grid, plot_result
 
-__all__ = ["cell_label", "compare_lenses", "draw_grid", "lens_grid"]
+__all__ = ["cell_label", "compare_lenses", "draw_grid", "lens_grid", "plot_result"]

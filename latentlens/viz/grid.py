@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,7 +12,7 @@ from matplotlib.figure import Figure
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from latentlens.interpret import InterpretResult
+    from latentlens.results import InterpretResult
 
 _CELL_W, _CELL_H = 0.95, 0.36  # inches per token column / layer row
 _MAX_W, _MAX_H = 60.0, 40.0
@@ -59,7 +60,12 @@ def draw_grid(
     if hi <= lo:
         hi = lo + 1e-6
     image = ax.imshow(
-        np.ma.masked_invalid(scores), origin="lower", aspect="auto", cmap=cmap, vmin=lo, vmax=hi,
+        np.ma.masked_invalid(scores),
+        origin="lower",
+        aspect="auto",
+        cmap=cmap,
+        vmin=lo,
+        vmax=hi,
         interpolation="nearest",
     )
     colormap = image.get_cmap()
@@ -72,11 +78,19 @@ def draw_grid(
                 continue
             r, g, b, _ = colormap((v - lo) / (hi - lo))
             dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-            ax.text(pi, li, cell_label(words[li][pi], max_chars), ha="center", va="center",
-                    fontsize=font, color="white" if dark else "black")
+            ax.text(
+                pi,
+                li,
+                cell_label(words[li][pi], max_chars),
+                ha="center",
+                va="center",
+                fontsize=font,
+                color="white" if dark else "black",
+            )
     ax.set_xticks(range(n_pos))
-    ax.set_xticklabels([cell_label(t, 12) for t in result.tokens], rotation=45, ha="right",
-                       fontsize=font + 1)
+    ax.set_xticklabels(
+        [cell_label(t, 12) for t in result.tokens], rotation=45, ha="right", fontsize=font + 1
+    )
     ax.set_yticks(range(n_layers))
     ax.set_yticklabels([str(x) for x in result.layers], fontsize=font + 1)
     ax.set_xlabel("input token")
@@ -154,3 +168,25 @@ def _suptitle(fig: Figure, result: InterpretResult, title: str | None) -> None:
         title = text if len(text) <= 100 else text[:99] + "…"
     if title:
         fig.suptitle(title)
+
+
+def plot_result(
+    result: InterpretResult, path: str | os.PathLike[str] | None = None, lens: str | None = None
+) -> Figure:
+    """Tokens × layers grid of the top word per cell, coloured by score.
+
+    Args:
+        result: what :func:`latentlens.interpret` returned.
+        path: save the figure here (format from the suffix, e.g. ``.png``).
+        lens: one lens's grid; default: that lens if only one ran, else all side by side.
+
+    Returns:
+        The matplotlib ``Figure`` (not shown; no pyplot state is touched).
+    """
+    if lens is None and len(result.lenses) > 1:
+        fig = compare_lenses(result)
+    else:
+        fig = lens_grid(result, lens)
+    if path is not None:
+        fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    return fig

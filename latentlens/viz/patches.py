@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 if TYPE_CHECKING:
-    from latentlens.explain import ImageExplanation
+    from latentlens.results import ImageExplanation
 
 _DISPLAY = 512  # the image is drawn at 512 px, like the original quickstart
 

@@ -20,6 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from latentlens.atomic import write_json
+from molmo.model import MolmoModel
+from molmo.testing import synthetic_connector, tiny_config, tiny_vit
 from reproduce.judge.names import QWEN2VL
 from reproduce.layout import Layout, bank_name, model_kind
 
@@ -193,8 +195,6 @@ def setup_tiny(layout: Layout, models: list[str], *, n_images: int = 6) -> dict[
     """
     from safetensors.torch import save_file
 
-    from molmo.testing import synthetic_connector, tiny_config, tiny_vit
-
     root = layout.models
     data = root / "data"
     corpus_path = data / "corpus.txt"
@@ -262,8 +262,6 @@ def tiny_llm_path(layout: Layout, bank: str) -> Path:
 
 def load_tiny_molmo(layout: Layout, name: str, device: str | torch.device | None = None) -> Any:
     """A tiny connector VLM from ``<out>/models``, loaded like a released one."""
-    from molmo.model import MolmoModel
-    from molmo.testing import tiny_config
 
     root = layout.models
     return MolmoModel.from_pretrained(

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from latentlens.cli import parse_layers
+from latentlens.options import parse_layers
 from reproduce.judge.render import ENCODERS
 
 

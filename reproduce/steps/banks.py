@@ -9,54 +9,35 @@ skipped.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from latentlens import constants as C
+from latentlens.atomic import atomic_path
+from latentlens.bank import parse_dtype
+from latentlens.extract import BuildConfig, build_index
+from molmo.config import LLMS
 from reproduce.judge.names import QWEN2VL
 from reproduce.layout import QWEN2VL_HUB_ID, Layout, read_json_or_none
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PaperBankSettings:
-    """The extraction settings behind the paper's banks."""
-
-    cap: int = 20
-    sampling: str = "reservoir"
-    skip_first: int = 0
-    storage_dtype: str = "float8_e4m3fn"
-    seed: int = 42
-
-    def build_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`latentlens.extract.build_index`."""
-        return {
-            "max_contexts_per_token": self.cap,
-            "sampling": self.sampling,
-            "skip_first": self.skip_first,
-            "storage_dtype": self.storage_dtype,
-            "seed": self.seed,
-        }
-
-
 def llm_source(bank: str) -> str:
     """Hub id of the model a bank is built from: the LLM of ``olmo``/``llama``/``qwen``, or
     Qwen2-VL itself (its language model runs on text alone)."""
-    from molmo.config import LLMS
 
     return QWEN2VL_HUB_ID if bank == QWEN2VL else LLMS[bank].hub_id
 
 
 def bank_done(
     folder: str | os.PathLike[str],
-    settings: PaperBankSettings,
+    settings: BuildConfig,
     layers: Sequence[int] | None = None,
 ) -> bool:
     """Whether ``folder`` holds a finished bank built with ``settings`` (and ``layers``)."""
@@ -65,13 +46,7 @@ def bank_done(
     if not isinstance(manifest, dict):
         return False
     build = manifest.get("build") or {}
-    want = {
-        "cap": settings.cap,
-        "sampling": settings.sampling,
-        "skip_first": settings.skip_first,
-        "storage_dtype": settings.storage_dtype,
-        "seed": settings.seed,
-    }
+    want = {k: v for k, v in settings.to_dict().items() if k not in ("layers", "batch_size")}
     if any(build.get(k) != v for k, v in want.items()):
         return False
     have = [int(x) for x in manifest.get("layers", [])]
@@ -89,7 +64,7 @@ def extract_banks(
     *,
     sources: dict[str, str] | None = None,
     layers: Sequence[int] | None = None,
-    settings: PaperBankSettings | None = None,
+    settings: BuildConfig | None = None,
     batch_size: int = 32,
     device: str | None = None,
     dtype: str | None = None,
@@ -113,10 +88,8 @@ def extract_banks(
     Returns:
         ``{bank: "built" | "skipped"}``.
     """
-    from latentlens.bank import parse_dtype
-    from latentlens.extract import build_index
 
-    settings = settings or PaperBankSettings()
+    settings = settings or BuildConfig.paper()
     status: dict[str, str] = {}
     for name in banks:
         out = layout.bank(name)
@@ -136,7 +109,7 @@ def extract_banks(
             output_dir=out,
             resume=not force,
             show_progress=show_progress,
-            **settings.build_kwargs(),
+            config=settings,
         )
         status[name] = "built"
     return status
@@ -152,9 +125,6 @@ def vg_phrases(region_descriptions: str | os.PathLike[str], out: str | os.PathLi
     Returns:
         Phrases written.
     """
-    import json
-
-    from latentlens.atomic import atomic_path
 
     with open(region_descriptions, encoding="utf-8") as f:
         images = json.load(f)

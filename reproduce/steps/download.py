@@ -15,6 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from latentlens.atomic import write_json
+from latentlens.hub import download_bank
+from molmo.checkpoint import download_connector
+from molmo.config import MODELS
+from reproduce.data.tiny import read_tiny, setup_tiny
 from reproduce.layout import (
     QWEN2VL_BANK,
     QWEN2VL_HUB_ID,
@@ -78,10 +82,6 @@ def download(
     """
     from huggingface_hub import snapshot_download
 
-    from latentlens.hub import download_bank
-    from molmo.checkpoint import download_connector
-    from molmo.config import MODELS
-
     request = _request(models, bank_layers, base, public_bank)
     if not force and download_done(layout, request):
         logger.info("step 1: everything requested is already downloaded (%s)", layout.downloads)
@@ -120,7 +120,6 @@ def setup_tiny_step(
     Returns:
         ``{"request": …, "files": …, "skipped": bool}`` like :func:`download`.
     """
-    from reproduce.data.tiny import read_tiny, setup_tiny
 
     request = {"tiny": True, "models": list(models)}
     if not force and download_done(layout, request):

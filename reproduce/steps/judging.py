@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reproduce.judge.aggregate import write_report
 from reproduce.judge.client import JudgeConfig
-from reproduce.judge.judge import RESULTS_FILE
+from reproduce.judge.judge import RESULTS_FILE, evaluate
 from reproduce.judge.names import LENSES
+from reproduce.judge.words import find_layer_files
 from reproduce.layout import Layout, read_json_or_none
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,6 @@ class JudgeOutcome:
 
 
 def _layer_files(results_dir: Path) -> dict[int, Path]:
-    from reproduce.judge.words import find_layer_files
 
     return find_layer_files(results_dir) if results_dir.is_dir() else {}
 
@@ -105,7 +106,6 @@ def judge_all(
     Returns:
         One :class:`JudgeOutcome` per (lens, model).
     """
-    from reproduce.judge.judge import evaluate
 
     outcomes = []
     for model in models:
@@ -174,7 +174,6 @@ def aggregate_step(layout: Layout, *, force: bool = False, dpi: int = 150) -> di
     Raises:
         FileNotFoundError: nothing judged yet.
     """
-    from reproduce.judge.aggregate import write_report
 
     if not force and report_done(layout):
         logger.info("step 5: the report is newer than every judged result (%s)", layout.report)

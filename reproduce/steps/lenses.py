@@ -18,9 +18,34 @@ from typing import Any, Literal
 
 import torch
 
+import molmo
 from latentlens.atomic import write_json
+from latentlens.index import ContextualIndex
+from latentlens.models.loading import default_cache_dir, load_model, load_processor
+from latentlens.models.registry import hidden_size, num_layers
+from latentlens.vlm import (
+    DEFAULT_PROMPT,
+    visual_token_states,
+)
+from molmo.config import default_query_layers, get_config
+from molmo.lens_runs import (
+    embeddinglens_filename,
+    latentlens_filename,
+    logitlens_filename,
+    run_lenses,
+)
+from molmo.model import VisualStates
+from reproduce.data.pixmo import (
+    HubListing,
+    ImageRecord,
+    ImageRow,
+    molmo_split,
+    prepare_images,
+    read_listing,
+    read_manifest,
+)
+from reproduce.data.tiny import LAYERS, load_tiny_molmo, read_tiny
 from reproduce.judge.names import LENSES, QWEN2VL
-from latentlens.explain import DEFAULT_PROMPT
 from reproduce.layout import (
     QWEN2VL_BANK,
     QWEN2VL_HUB_ID,
@@ -31,15 +56,6 @@ from reproduce.layout import (
     model_kind,
     read_json_or_none,
     run_folder,
-)
-from reproduce.data.pixmo import (
-    HubListing,
-    ImageRecord,
-    ImageRow,
-    molmo_split,
-    prepare_images,
-    read_listing,
-    read_manifest,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,7 +93,6 @@ class VLMSubject:
         image_size: int = QWEN2VL_IMAGE_SIZE,
         prompt: str = DEFAULT_PROMPT,
     ) -> None:
-        from latentlens.models.registry import hidden_size, num_layers
 
         self.llm = model
         self.processor = processor
@@ -102,31 +117,22 @@ class VLMSubject:
     @torch.inference_mode()
     def encode(self, images: Any, layers: Any) -> Any:
         """Visual-token states of each image at ``layers`` (one forward pass per image)."""
-        from latentlens.models.hooks import get_hidden_states
-        from latentlens.vlm import (
-            encode_image_prompt,
-            load_image,
-            locate_visual_tokens,
-            square_crop_resize,
-        )
-        from molmo.model import VisualStates
 
         wanted = sorted({int(x) for x in layers})
-        device = next(self.llm.parameters()).device
         per_layer: dict[int, list[torch.Tensor]] = {x: [] for x in wanted}
-        for image in images:
-            view = square_crop_resize(load_image(image), self.image_size)
-            inputs = encode_image_prompt(self.processor, view, self.config.prompt)
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-            tokens = locate_visual_tokens(
-                self.llm, inputs["input_ids"], inputs.get("image_grid_thw")
-            )
-            if tokens.grid != (self._grid, self._grid):
-                raise ValueError(f"expected a {self._grid}² token grid, got {tokens.grid}")
-            states = get_hidden_states(self.llm, layers=wanted, **inputs)
-            pos = tokens.positions.to(device)
+        seen = visual_token_states(
+            self.llm,
+            self.processor,
+            images,
+            wanted,
+            size=self.image_size,
+            prompt=self.config.prompt,
+        )
+        for one in seen:
+            if one.grid != (self._grid, self._grid):
+                raise ValueError(f"expected a {self._grid}² token grid, got {one.grid}")
             for x in wanted:
-                per_layer[x].append(states[x][0, pos])
+                per_layer[x].append(one.states[x])
         hidden = {x: torch.stack(v) for x, v in per_layer.items()}
         first = hidden[wanted[0]]
         return VisualStates(connector=hidden.get(0, first), hidden=hidden, grid=self._grid)
@@ -148,7 +154,6 @@ def image_rows(
 
 def default_image_cache() -> Path:
     """``$LATENTLENS_CACHE/pixmo-cap`` (default ``~/.cache/latentlens/pixmo-cap``)."""
-    from latentlens.models.loading import default_cache_dir
 
     return default_cache_dir() / "pixmo-cap"
 
@@ -212,7 +217,6 @@ def lens_paths(
     layout: Layout, model: str, layers: Sequence[int], top_k: int, lenses: Sequence[str]
 ) -> dict[tuple[str, int], Path]:
     """The SPEC §8 file of each (lens, layer) of a model."""
-    from molmo.lens_runs import embeddinglens_filename, latentlens_filename, logitlens_filename
 
     names = {
         "latentlens": latentlens_filename,
@@ -234,11 +238,8 @@ def _done_marker(layout: Layout, model: str) -> Path:
 
 def llm_depth(model: str, tiny: bool = False) -> int:
     """Decoder blocks of a model's LLM (without loading it)."""
-    from molmo.config import get_config
 
     if tiny:
-        from reproduce.data.tiny import LAYERS
-
         return LAYERS
     if model_kind(model) == "qwen2vl":
         return QWEN2VL_LAYERS
@@ -247,7 +248,6 @@ def llm_depth(model: str, tiny: bool = False) -> int:
 
 def default_layers(model: str, tiny: bool = False) -> list[int]:
     """The paper's query layers of a model: 0,1,2,4,8,16,24 below n, plus n-2, n-1."""
-    from molmo.config import default_query_layers
 
     return default_query_layers(llm_depth(model, tiny))
 
@@ -295,19 +295,13 @@ def load_subject(
     run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model_kind(model) == "molmo":
         if tiny:
-            from reproduce.data.tiny import load_tiny_molmo
-
             return load_tiny_molmo(layout, model, device=run_device)
-        import molmo
 
         return molmo.load(model, dtype=dtype or "auto", device=run_device, connector=connector)
-    from latentlens.models.loading import load_model, load_processor
 
     path = str(layout.models / QWEN2VL) if tiny else QWEN2VL_HUB_ID
     size = QWEN2VL_IMAGE_SIZE
     if tiny:
-        from reproduce.data.tiny import read_tiny
-
         size = int(read_tiny(layout)["qwen2vl_image_size"])
     run_dtype = dtype or ("float16" if run_device.startswith("cuda") else "float32")
     vlm, _ = load_model(path, device=run_device, dtype=run_dtype)
@@ -316,7 +310,6 @@ def load_subject(
 
 def load_bank(layout: Layout, model: str, device: str | None) -> tuple[Any, str]:
     """The model's contextual bank (built in step 2, or the public Qwen2-VL bank)."""
-    from latentlens.index import ContextualIndex
 
     folder = layout.bank(bank_name(model))
     if (folder / "config.json").exists():
@@ -359,7 +352,6 @@ def run_model(
     Returns:
         ``"done"`` or ``"skipped"``.
     """
-    from molmo.lens_runs import run_lenses
 
     chosen = (
         list(records)

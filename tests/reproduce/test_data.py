@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from reproduce.layout import Layout, bank_name, parse_models, run_folder
 from reproduce.data.pixmo import (
     HubListing,
     ImageRow,
@@ -26,6 +25,7 @@ from reproduce.data.pixmo import (
     read_listing,
     read_manifest,
 )
+from reproduce.layout import Layout, bank_name, parse_models, run_folder
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (20, 16), fmt: str = "PNG") -> bytes:
@@ -248,9 +248,9 @@ def _cached_repo(cache: Path, repo: str, files: dict[str, bytes]) -> None:
 
 def test_step1_downloads_only_what_is_asked_from_the_offline_cache(tmp_path: Path):
     from latentlens.index import ContextualIndex
-    from reproduce.steps.download import download
     from molmo.checkpoint import read_checkpoint
     from molmo.testing import synthetic_connector, tiny_config
+    from reproduce.steps.download import download
 
     cache = tmp_path / "hf"
     state = synthetic_connector(tiny_config("olmo-vit"))

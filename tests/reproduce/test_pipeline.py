@@ -271,10 +271,10 @@ def test_qwen2vl_files_match_explain_image_and_shards_match_the_full_run(tiny_ru
     from latentlens.explain import explain_image
     from latentlens.index import ContextualIndex
     from latentlens.models.loading import load_model, load_processor
+    from latentlens.vlm import load_image
+    from reproduce.data.pixmo import read_manifest
     from reproduce.layout import Layout
     from reproduce.steps.lenses import VLMSubject, run_model
-    from reproduce.data.pixmo import read_manifest
-    from latentlens.vlm import load_image
 
     out, _, _ = tiny_run
     torch.set_num_threads(1)

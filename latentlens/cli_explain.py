@@ -1,0 +1,210 @@
+"""`latentlens explain-image`: what quickstart.py does, as a command of the library.
+
+Registered on the `latentlens` group by `latentlens.cli`; `quickstart.py` runs the same
+command. The library is imported when the command runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import click
+
+from latentlens.options import parse_int_list
+
+DEFAULT_MODEL = "Qwen/Qwen2-VL-7B-Instruct"
+DEFAULT_BANK = "McGill-NLP/latentlens-qwen2vl-embeddings"
+
+
+@click.command(
+    "explain-image",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.argument("image", type=click.Path(exists=True, dir_okay=False), required=False)
+@click.option(
+    "--image",
+    "image_option",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The image, as an option (quickstart.py's spelling of IMAGE).",
+)
+@click.option(
+    "--model", default=DEFAULT_MODEL, show_default=True, help="VLM: Hub id or local folder."
+)
+@click.option(
+    "--bank", default=None, help=f"Bank: Hub id or local folder [default: {DEFAULT_BANK}]."
+)
+@click.option(
+    "--build-bank",
+    "build_corpus",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Build a bank from this corpus with the VLM's own language model first.",
+)
+@click.option(
+    "--layers", default="2,8,27", show_default=True, help="Query layers (comma-separated)."
+)
+@click.option("--bank-layers", default=None, help="Bank layers to load and search (default: all).")
+@click.option(
+    "--num-patches",
+    default=10,
+    show_default=True,
+    help="Patches sampled for the table and picture.",
+)
+@click.option(
+    "--patches", "patch_list", multiple=True, help="Patch 'row,col' to show instead (repeatable)."
+)
+@click.option("--seed", default=10, show_default=True, help="Seed of the patch sample.")
+@click.option("--top-k", default=5, show_default=True)
+@click.option(
+    "--size", default=448, show_default=True, help="Side of the square the image is resized to."
+)
+@click.option("--device", default=None, help="cuda / cpu (default: cuda if available).")
+@click.option(
+    "--model-dtype",
+    "dtype",
+    default=None,
+    help="Model compute dtype: fp16 / bf16 / fp32 (default: fp16 on CUDA, fp32 on CPU).",
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="PNG path [default: <stem>_latentlens.png].",
+)
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    is_flag=False,
+    flag_value="",
+    help="Also write JSON (optional path).",
+)
+@click.option(
+    "--html",
+    "html_path",
+    default=None,
+    is_flag=False,
+    flag_value="",
+    help="Also write the HTML explorer (optional path).",
+)
+@click.option(
+    "--first-layer-only",
+    is_flag=True,
+    help="Draw only the first layer in the PNG (the original's picture).",
+)
+def explain_image_command(
+    image,
+    image_option,
+    model,
+    bank,
+    build_corpus,
+    layers,
+    bank_layers,
+    num_patches,
+    patch_list,
+    seed,
+    top_k,
+    size,
+    device,
+    dtype,
+    out,
+    json_path,
+    html_path,
+    first_layer_only,
+) -> None:
+    """Explain what each visual token of IMAGE means, by its nearest contextual text tokens.
+
+    IMAGE defaults to the bundled example. The VLM runs once; each visual token's hidden
+    state at the query layers (--layers; the forward stops at the deepest) is searched in
+    every bank layer. Prints a table for --num-patches patches (sampled once with --seed,
+    or --patches r,c) and writes <image-stem>_latentlens.png (grid, numbered patches, top
+    word per layer); --json writes every patch, --html a self-contained explorer page.
+    """
+    import torch
+
+    from latentlens.errors import LatentLensError
+    from latentlens.explain import explain_image
+    from latentlens.extract import build_index
+    from latentlens.index import ContextualIndex
+    from latentlens.models.loading import load_model, load_processor
+    from latentlens.viz.html import explorer_html
+    from latentlens.viz.patches import patch_figure
+    from latentlens.vlm import load_image
+
+    try:
+        if image and image_option:
+            raise click.UsageError("give the image once: IMAGE or --image")
+        chosen = image or image_option
+        image_file = (
+            Path(chosen) if chosen else Path(str(files("latentlens") / "data" / "example.png"))
+        )
+        run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        run_dtype = dtype or ("fp16" if run_device.type == "cuda" else "fp32")
+        click.echo(f"loading {model} ({run_dtype}, {run_device}) ...", err=True)
+        vlm, _tok = load_model(model, device=run_device, dtype=run_dtype)
+        processor = load_processor(model)
+        if build_corpus:
+            target = Path(bank) if bank else Path(f"{Path(model).name}_bank")
+            index = build_index(
+                model,
+                build_corpus,
+                model=vlm,
+                tokenizer=processor.tokenizer,
+                layers=parse_int_list(bank_layers),
+                output_dir=target,
+            )
+        else:
+            index = ContextualIndex.from_pretrained(
+                bank or DEFAULT_BANK, layers=parse_int_list(bank_layers)
+            )
+        index.to(run_device)
+        patches = None
+        image = load_image(image_file)
+        ex = explain_image(
+            vlm,
+            processor,
+            image,
+            index,
+            parse_int_list(layers) or [],
+            top_k=top_k,
+            size=size,
+            num_patches=num_patches,
+            seed=seed,
+        )
+        if patch_list:
+            rc = [parse_int_list(p) for p in patch_list]
+            if any(x is None or len(x) != 2 for x in rc):
+                raise click.BadParameter("--patches takes 'row,col'")
+            patches = [r * ex.grid[1] + c for r, c in rc]  # type: ignore[misc]
+            bad = [
+                p
+                for p, (r, c) in zip(patches, rc, strict=True)
+                if not (0 <= r < ex.grid[0] and 0 <= c < ex.grid[1])
+            ]  # type: ignore[misc]
+            if bad:
+                raise click.BadParameter(
+                    f"patches outside the {ex.grid[0]}×{ex.grid[1]} grid: {patch_list}"
+                )
+            ex.patches = patches
+        ex.image_name = image_file.name
+        click.echo(ex.table())
+        stem = image_file.with_suffix("")
+        png = Path(out) if out else stem.parent / f"{stem.name}_latentlens.png"
+        fig = patch_figure(ex, layers=ex.layers[:1] if first_layer_only else None)
+        fig.savefig(png, dpi=100)
+        click.echo(f"wrote {png}", err=True)
+        if json_path is not None:
+            jp = Path(json_path) if json_path else png.with_suffix(".json")
+            jp.write_text(json.dumps(ex.to_dict(all_patches=True), ensure_ascii=False))
+            click.echo(f"wrote {jp}", err=True)
+        if html_path is not None:
+            hp = Path(html_path) if html_path else png.with_suffix(".html")
+            hp.write_text(explorer_html(ex), encoding="utf-8")
+            click.echo(f"wrote {hp}", err=True)
+    except (LatentLensError, ValueError, OSError) as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
