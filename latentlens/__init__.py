@@ -31,7 +31,7 @@ _LAZY: dict[str, str] = {
     "Neighbor": "latentlens.results",
     "InterpretResult": "latentlens.results",
     "ImageExplanation": "latentlens.results",
-    "interpret": "latentlens.interpret",
+    "interpret": "latentlens.interpretation",
     "EmbeddingLens": "latentlens.lenses",
     "LatentLens": "latentlens.lenses",
     "Lens": "latentlens.lenses",
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from latentlens.corpus import load_corpus
     from latentlens.extract import auto_layers, build_index
     from latentlens.index import ContextualIndex
-    from latentlens.interpret import interpret
+    from latentlens.interpretation import interpret
     from latentlens.lenses import EmbeddingLens, LatentLens, Lens, LogitLens
     from latentlens.models.defaults import MODEL_DEFAULTS, SUPPORTED_MODELS
     from latentlens.models.hooks import get_hidden_states

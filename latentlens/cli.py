@@ -372,7 +372,7 @@ def search(
     """
     from latentlens.errors import LatentLensError
     from latentlens.index import ContextualIndex
-    from latentlens.interpret import interpret
+    from latentlens.interpretation import interpret
     from latentlens.lenses import LatentLens
 
     index = ContextualIndex.from_directory(bank)
@@ -453,8 +453,8 @@ def interpret(
     several lenses).
     """
     from latentlens.index import ContextualIndex
-    from latentlens.interpret import interpret as run_interpret
-    from latentlens.interpret import make_lens
+    from latentlens.interpretation import interpret as run_interpret
+    from latentlens.interpretation import make_lens
 
     names = list(dict.fromkeys(lens_names)) or (["latent"] if bank else []) + ["logit", "embedding"]
     if "latent" in names and not bank:

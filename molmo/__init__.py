@@ -9,8 +9,9 @@ weights, for analysis only::
     states = model.visual_hidden_states(["cat.jpg"], layers=[0, 8, 16])  # {L: [B, 24, 24, d]}
     print(model.generate("cat.jpg"))
 
-`MODELS` holds the nine models' names, Hub ids and dimensions; `molmo.lens_runs` writes
-the original release's lens JSON files.
+`MODELS` holds the nine models' names, Hub ids and dimensions. Lens runs over many images
+and their files (the original release's JSON) live in the paper's pipeline,
+`reproduce/lens_files.py`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from molmo.config import (
     resolve_name,
 )
 from molmo.connector import Connector
-from molmo.lens_runs import run_lenses
 from molmo.model import MolmoModel, VisualStates, load
 from molmo.processing import ImageProcessor, ProcessedImages, load_image
 from molmo.vision import VisionEncoder
@@ -58,5 +58,4 @@ __all__ = [
     "load_image",
     "read_checkpoint",
     "resolve_name",
-    "run_lenses",
 ]

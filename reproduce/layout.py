@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from molmo.lens_runs import LENS_DIRS
 from reproduce.judge.names import CONNECTOR_MODELS, QWEN2VL
+from reproduce.lens_files import LENS_DIRS
 
 ModelKind = Literal["molmo", "qwen2vl"]
 

@@ -296,5 +296,18 @@ def test_lazy_package_exports_every_public_name():
     for name in latentlens.__all__:
         assert getattr(latentlens, name) is not None, name
     assert latentlens.SUPPORTED_MODELS is latentlens.models.MODEL_DEFAULTS
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(latentlens.__path__)}
+    assert not submodules & set(latentlens._LAZY), "a submodule import would shadow the name"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         latentlens.nope  # noqa: B018
+
+
+def test_lazy_names_survive_their_modules_being_imported_first():
+    code = (
+        "import latentlens.interpretation, latentlens.extract, latentlens.index, latentlens; "
+        "assert callable(latentlens.interpret) and callable(latentlens.build_index); "
+        "assert latentlens.ContextualIndex.__name__ == 'ContextualIndex'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

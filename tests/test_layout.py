@@ -116,9 +116,15 @@ def _imports(module: str, path: Path) -> list[Import]:
             # `from pkg import submodule` imports the submodule
             for name in names:
                 if _is_our_module(f"{target}.{name}"):
-                    out.append(Import(module, f"{target}.{name}", (), local, typing_only, node.lineno))
+                    out.append(
+                        Import(module, f"{target}.{name}", (), local, typing_only, node.lineno)
+                    )
         if not isinstance(node, (ast.Import, ast.ImportFrom)):
-            visit(node, local or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)), typing_only)
+            visit(
+                node,
+                local or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)),
+                typing_only,
+            )
 
     visit(tree, False, False)
     return out

@@ -40,7 +40,8 @@ from reproduce.judge.plan import PatchTask, plan_tasks
 from reproduce.judge.prompt import build_messages, build_prompt
 from reproduce.judge.render import judge_views, region_box, render_view
 from reproduce.judge.sampling import real_patch_mask, sample_centres, valid_windows
-from reproduce.judge.words import candidate_words, expand_to_word, load_lens_layer
+from reproduce.judge.words import candidate_words, expand_to_word
+from reproduce.lens_files import load_lens_layer
 
 __all__ = [
     "CostEstimate",

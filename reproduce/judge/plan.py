@@ -22,13 +22,8 @@ from reproduce.judge.sampling import (
     real_patch_mask,
     sample_centres,
 )
-from reproduce.judge.words import (
-    LensImage,
-    Method,
-    candidate_words,
-    find_layer_files,
-    load_lens_layer,
-)
+from reproduce.judge.words import candidate_words
+from reproduce.lens_files import LensImage, Method, find_layer_files, load_lens_layer
 
 log = logging.getLogger(__name__)
 

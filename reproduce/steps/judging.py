@@ -19,8 +19,8 @@ from reproduce.judge.aggregate import write_report
 from reproduce.judge.client import JudgeConfig
 from reproduce.judge.judge import RESULTS_FILE, evaluate
 from reproduce.judge.names import LENSES
-from reproduce.judge.words import find_layer_files
 from reproduce.layout import Layout, read_json_or_none
+from reproduce.lens_files import find_layer_files
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Step 3: the three lenses at every query layer of each model, over N evaluation images.
 
-Connector VLMs go through :func:`molmo.lens_runs.run_lenses`; Qwen2-VL through the same
+Connector VLMs go through :func:`reproduce.lens_files.run_lenses`; Qwen2-VL through the same
 function behind :class:`VLMSubject`, an adapter that finds its visual tokens with
 :mod:`latentlens.vlm` (centre crop, 448 px, 16×16 tokens), so every model writes the same
 SPEC §8 files. A model whose files are all there for the same images is skipped; a
@@ -28,12 +28,6 @@ from latentlens.vlm import (
     visual_token_states,
 )
 from molmo.config import default_query_layers, get_config
-from molmo.lens_runs import (
-    embeddinglens_filename,
-    latentlens_filename,
-    logitlens_filename,
-    run_lenses,
-)
 from molmo.model import VisualStates
 from reproduce.data.pixmo import (
     HubListing,
@@ -56,6 +50,12 @@ from reproduce.layout import (
     model_kind,
     read_json_or_none,
     run_folder,
+)
+from reproduce.lens_files import (
+    embeddinglens_filename,
+    latentlens_filename,
+    logitlens_filename,
+    run_lenses,
 )
 
 logger = logging.getLogger(__name__)

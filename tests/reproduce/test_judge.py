@@ -51,7 +51,7 @@ from reproduce.judge import (
 from reproduce.judge.__main__ import main as cli
 from reproduce.judge.render import judge_views
 from reproduce.judge.sampling import ImageGrid, make_rng
-from reproduce.judge.words import detect_method, find_layer_files
+from reproduce.lens_files import detect_method, find_layer_files
 
 GRID = 6
 VOCAB = ["dog", "cat", "tree", "sky", "car", "red", "blue", "house", "grass", "road", "wall", "xyz"]

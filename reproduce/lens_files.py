@@ -1,4 +1,8 @@
-"""Run the three lenses over a molmo model and images; write the original release's JSON files.
+"""The lens files of SPEC §8: run the three lenses over a VLM and images, write the files, read them.
+
+The one place that knows the original release's lens-file names and JSON layout: the
+lens runs write them (`run_lenses`) and the judge reads them (`load_lens_layer`,
+`find_layer_files`).
 
 One forward pass per batch of images serves every lens and layer. Files (SPEC §8), each
 in `<output_dir>/<lens folder>/<run name>/`:
@@ -23,9 +27,11 @@ the ranks round-robin and rank 0 writes the merged files, equal to a single proc
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -36,7 +42,7 @@ from torch import nn
 from latentlens import distributed as D
 from latentlens.atomic import write_json
 from latentlens.index import ContextualIndex
-from latentlens.lenses import EmbeddingLens, LatentLens, LogitLens
+from latentlens.interpretation import make_lens
 from molmo.config import default_query_layers
 from molmo.model import VisualStates
 from molmo.processing import ImageInput
@@ -51,6 +57,12 @@ LENS_DIRS: dict[LensName, str] = {
     "embeddinglens": "nearest_neighbors",
 }
 """Default output folder of each lens in the original scripts."""
+LENS_KINDS: dict[LensName, str] = {
+    "latentlens": "latent",
+    "logitlens": "logit",
+    "embeddinglens": "embedding",
+}
+"""The library's name (`Lens.name`, `make_lens`) of each lens file's kind."""
 
 
 class LensSubject(Protocol):
@@ -139,26 +151,27 @@ def _build_lenses(
     top_k: int,
     embedding_original: bool,
 ) -> dict[LensName, Any]:
-
+    """The library's lenses (`latentlens.interpretation.make_lens`) under the files' names."""
+    if (
+        "latentlens" in lenses
+        and index is not None
+        and index.hidden_dim != model.config.llm.d_model
+    ):
+        raise ValueError(
+            f"bank width {index.hidden_dim} differs from the LLM's {model.config.llm.d_model}"
+        )
+    options: dict[LensName, dict[str, Any]] = {
+        "latentlens": {"layers": contextual_layers},
+        "logitlens": {},
+        "embeddinglens": {"original": embedding_original},
+    }
     built: dict[LensName, Any] = {}
     for name in lenses:
-        if name == "latentlens":
-            if index is None:
-                raise ValueError("the latentlens lens needs a ContextualIndex (index=...)")
-            if index.hidden_dim != model.config.llm.d_model:
-                raise ValueError(
-                    f"bank width {index.hidden_dim} differs from the LLM's "
-                    f"{model.config.llm.d_model}"
-                )
-            built[name] = LatentLens(index, top_k=top_k, layers=contextual_layers)
-        elif name == "logitlens":
-            built[name] = LogitLens(model.llm, model.tokenizer, top_k=top_k)
-        elif name == "embeddinglens":
-            built[name] = EmbeddingLens(
-                model.llm, model.tokenizer, top_k=top_k, original=embedding_original
-            )
-        else:
+        if name not in LENS_KINDS:
             raise ValueError(f"unknown lens {name!r}; choose from {ALL_LENSES}")
+        built[name] = make_lens(
+            LENS_KINDS[name], model.llm, model.tokenizer, top_k, index=index, **options[name]
+        )
     return built
 
 
@@ -435,3 +448,126 @@ def run_embedding_lens(
     return run_lenses(model, images, output_dir, lenses=("embeddinglens",), **kwargs)[
         "embeddinglens"
     ]
+
+
+# ── reading the files (the judge's input) ─────────────────────────────────────────────
+
+Method = LensName  # the judge's name for a lens file's kind
+METHODS = ALL_LENSES
+
+NEIGHBOR_FIELD: dict[Method, str] = {
+    "latentlens": "nearest_contextual_neighbors",
+    "logitlens": "top_predictions",
+    "embeddinglens": "nearest_neighbors",
+}
+
+
+def detect_method(data: Mapping[str, Any]) -> Method:
+    """Which lens wrote a result file, from its structure.
+
+    Raises:
+        ValueError: the structure is none of the three.
+    """
+    if "splits" in data:
+        return "embeddinglens"
+    for image in data.get("results") or []:
+        for chunk in image.get("chunks") or []:
+            for patch in chunk.get("patches") or []:
+                if "nearest_contextual_neighbors" in patch:
+                    return "latentlens"
+                if "top_predictions" in patch:
+                    return "logitlens"
+                break
+    raise ValueError(
+        "not a lens result file: expected results[].chunks[].patches[] with "
+        "nearest_contextual_neighbors or top_predictions, or splits.validation.images[]"
+    )
+
+
+@dataclass(frozen=True)
+class LensImage:
+    """One image of a lens result file.
+
+    Attributes:
+        image_idx: index of the image in the dataset (and in the images folder).
+        caption: its ground-truth caption (may be empty).
+        patches: ``(row, col) → patch record`` of the first chunk (the full image).
+        grid: ``(H, W)`` of the patch grid, from the largest row and column present.
+    """
+
+    image_idx: int
+    caption: str
+    patches: dict[tuple[int, int], dict[str, Any]] = field(repr=False)
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class LensLayer:
+    """The contents of one lens result file (one query layer)."""
+
+    method: Method
+    layer: int
+    images: list[LensImage]
+    path: Path | None = None
+
+    @property
+    def grid_size(self) -> int:
+        """Grid side as the original evaluator records it (``max(H, W)`` of the first image)."""
+        return max(self.images[0].grid) if self.images else 0
+
+
+def parse_lens_layer(data: Mapping[str, Any], layer: int, path: Path | None = None) -> LensLayer:
+    """Read an already-loaded lens result file (see the module docstring for the formats)."""
+    method = detect_method(data)
+    if method == "embeddinglens":
+        # The validation split (the paper's), else the first split that holds images.
+        splits = data["splits"]
+        named = [splits.get("validation", {})] + [v for k, v in splits.items() if k != "validation"]
+        records: Sequence[Mapping[str, Any]] = next(
+            (sp["images"] for sp in named if sp.get("images")), []
+        )
+    else:
+        records = data["results"]
+    images = []
+    for rec in records:
+        chunks = rec.get("chunks") or []
+        patches = {}
+        for p in (chunks[0].get("patches") or []) if chunks else []:
+            patches[(int(p.get("patch_row", 0)), int(p.get("patch_col", 0)))] = p
+        if not patches:
+            continue
+        grid = (max(r for r, _ in patches) + 1, max(c for _, c in patches) + 1)
+        idx = rec.get("image_idx", rec.get("image_index", 0))
+        images.append(LensImage(int(idx), str(rec.get("ground_truth_caption", "")), patches, grid))
+    return LensLayer(method, layer, images, path)
+
+
+_LAYER_IN_NAME = re.compile(r"(?:layer|visual)(\d+)(?!\d)")
+
+
+def find_layer_files(results_dir: str | Path) -> dict[int, Path]:
+    """``layer → file`` for the lens result files in a folder.
+
+    A file belongs to layer L when its name holds ``layerL`` or ``visualL`` not followed by
+    another digit (so ``layer2`` never matches ``layer24``); the first name in sorted order
+    wins when several match.
+    """
+    found: dict[int, Path] = {}
+    for f in sorted(Path(results_dir).glob("*.json")):
+        m = _LAYER_IN_NAME.search(f.name)
+        if m is not None:
+            found.setdefault(int(m.group(1)), f)
+    return dict(sorted(found.items()))
+
+
+def load_lens_layer(path: str | Path, layer: int | None = None) -> LensLayer:
+    """Read one lens result file; the layer defaults to the number in its name."""
+    path = Path(path)
+    if layer is None:
+        m = _LAYER_IN_NAME.search(path.name)
+        if m is None:
+            raise ValueError(f"cannot tell the layer of {path.name}; pass it explicitly")
+        layer = int(m.group(1))
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return parse_lens_layer(data, layer, path)

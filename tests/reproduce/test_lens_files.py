@@ -13,7 +13,8 @@ import torch
 from latentlens.index import ContextualIndex
 from latentlens.lenses import EmbeddingLens, LogitLens
 from molmo import MolmoModel
-from molmo.lens_runs import (
+from molmo.testing import synthetic_connector, tiny_config, tiny_vit
+from reproduce.lens_files import (
     LENS_DIRS,
     default_run_name,
     embeddinglens_filename,
@@ -21,7 +22,6 @@ from molmo.lens_runs import (
     logitlens_filename,
     run_lenses,
 )
-from molmo.testing import synthetic_connector, tiny_config, tiny_vit
 from tests.tiny import tiny_causal_lm, tiny_tokenizer
 
 TOP_K = 3
@@ -284,7 +284,7 @@ def test_run_name_from_a_local_checkpoint_and_skip_existing(tmp_path):
 
 def test_bad_arguments():
     model = build("llama-vit")
-    with pytest.raises(ValueError, match="ContextualIndex"):
+    with pytest.raises(ValueError, match="needs a contextual bank"):
         run_lenses(model, images()[:1], "unused", lenses=("latentlens",), progress=False)
     with pytest.raises(ValueError, match="bank width"):
         run_lenses(

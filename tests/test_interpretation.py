@@ -1,4 +1,4 @@
-"""Tests for latentlens.interpret: one forward, all lenses, and the result object."""
+"""Tests for latentlens.interpretation: one forward, all lenses, and the result object."""
 
 from __future__ import annotations
 
