@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 from torch import nn
 
 from latentlens.models import (
@@ -34,6 +35,7 @@ from latentlens.models import (
     num_layers,
 )
 from latentlens.models.hooks import validate_layers
+from latentlens.vlm import ImageStates, VisualTokens
 from molmo.checkpoint import (
     CheckpointError,
     download_connector,
@@ -43,7 +45,7 @@ from molmo.checkpoint import (
 )
 from molmo.config import N_SPECIAL_EMBEDDINGS, MolmoConfig, get_config
 from molmo.connector import Connector
-from molmo.processing import ImageInput, ImageProcessor, ProcessedImages
+from molmo.processing import ImageInput, ImageProcessor, ProcessedImages, load_image
 from molmo.vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
@@ -403,6 +405,29 @@ class MolmoModel(nn.Module):
             )
             hidden.update({x: states[x][:, pos] for x in deeper})
         return VisualStates(connector=connector_out, hidden=hidden, grid=self.grid)
+
+    def image_states(
+        self, images: ImageInput | Sequence[ImageInput], layers: int | Iterable[int]
+    ) -> list[ImageStates]:
+        """The library's visual-token route for this model (`latentlens.vlm.ImageStates`).
+
+        Per image ``{layer: [N, d]}`` in patch order (row-major) with its sequence
+        positions and ``(G, G)`` grid, as `latentlens.vlm.visual_token_states` returns
+        for Hugging Face VLMs. Layer 0 is the connector output, as LatentLens and
+        EmbeddingLens read it (SPEC §4).
+        """
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        wanted = validate_layers(layers, self.config.llm.num_layers)
+        out = self.encode(items, wanted)
+        tokens = VisualTokens(positions=self.patch_positions().cpu(), grid=(self.grid, self.grid))
+        return [
+            ImageStates(
+                {x: out.layer(x)[b] for x in wanted},
+                tokens,
+                Image.fromarray(load_image(item)),
+            )
+            for b, item in enumerate(items)
+        ]
 
     def visual_hidden_states(
         self,

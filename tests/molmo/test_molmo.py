@@ -329,6 +329,21 @@ def test_shapes_sequence_and_patch_positions(name):
     }
 
 
+def test_image_states_adapter_speaks_the_library_route():
+    model = shared("olmo-vit")
+    g, d = model.grid, model.config.llm.d_model
+    imgs = [rand_image(30, 50), rand_image(42, 42, 1)]
+    got = model.image_states(imgs, [0, 2])
+    enc = model.encode(imgs, [0, 2])
+    assert len(got) == 2 and all(one.grid == (g, g) for one in got)
+    for b, one in enumerate(got):
+        assert set(one.states) == {0, 2} and one.states[2].shape == (g * g, d)
+        assert torch.equal(one.states[0], enc.connector[b])  # layer 0 = connector output
+        assert torch.equal(one.states[2], enc.hidden[2][b])
+        assert one.tokens.position(1, 2) == model.config.patch_position(1, 2)
+        assert one.image.size == (imgs[b].shape[1], imgs[b].shape[0])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_hidden_states_match_the_full_hf_forward(name):
     model = shared(name)
