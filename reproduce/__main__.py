@@ -15,6 +15,8 @@ from typing import Any, NoReturn
 import click
 
 from latentlens.options import parse_layers
+from reproduce.judge.cli import main as evaluate_group
+from reproduce.options import judge_client_options, judge_config
 
 DEFAULT_OUT = "out/paper"
 DEFAULT_TINY_OUT = "out/tiny"
@@ -77,6 +79,7 @@ def main(verbose: bool) -> None:
       judge       step 4: the LLM judge of SPEC §7 over every (lens, model)
       aggregate   step 5: scores JSON, figures, table beside the paper's numbers
       vg-phrases  make the Visual Genome phrase corpus from region_descriptions.json
+      evaluate    the judge's own commands: judge one folder, aggregate, fake-server
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -337,25 +340,7 @@ def lenses(
 
 @main.command()
 @common
-@click.option(
-    "--base-url",
-    default=None,
-    help="OpenAI-compatible API root [env OPENAI_BASE_URL, else api.openai.com/v1].",
-)
-@click.option(
-    "--judge-model", default=None, help="Judge model [env LATENTLENS_JUDGE_MODEL, else gpt-5]."
-)
-@click.option(
-    "--api-key-env",
-    default="OPENAI_API_KEY",
-    show_default=True,
-    help="Environment variable holding the API key.",
-)
-@click.option(
-    "--fake-judge",
-    is_flag=True,
-    help="The built-in fake judge on 127.0.0.1 [default with --tiny and no --base-url].",
-)
+@judge_client_options
 @click.option("--lenses", "lens_names", default=None, help="Lenses to judge [default: all three].")
 @click.option(
     "--patches-per-layer",
@@ -364,45 +349,18 @@ def lenses(
     help="Patches judged per layer, one per image [default: 100; --tiny: the images].",
 )
 @click.option("--seed", default=42, show_default=True)
-@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--max-retries", default=5, show_default=True, type=click.IntRange(0))
-@click.option("--timeout", default=120.0, show_default=True, help="Seconds per request.")
-@click.option("--backoff", default=2.0, show_default=True, help="First retry delay (s), doubling.")
-@click.option(
-    "--reasoning-effort",
-    default=None,
-    help="e.g. low [default: low for gpt-5 judges (the paper), else unset].",
-)
-@click.option("--temperature", type=float, default=None)
-@click.option("--max-completion-tokens", type=int, default=None)
-@click.option("--image-detail", type=click.Choice(["low", "high", "auto"]), default=None)
-@click.option("--strict", is_flag=True, help="Exit with status 3 when some patches failed.")
 def judge(
     out: str | None,
     tiny: bool,
     models: str | None,
     force: bool,
-    base_url: str | None,
-    judge_model: str | None,
-    api_key_env: str,
-    fake_judge: bool,
     lens_names: str | None,
     patches_per_layer: int | None,
     seed: int,
-    concurrency: int,
-    max_retries: int,
-    timeout: float,
-    backoff: float,
-    reasoning_effort: str | None,
-    temperature: float | None,
-    max_completion_tokens: int | None,
-    image_detail: str | None,
-    strict: bool,
+    **opts: Any,
 ) -> None:
     """Step 4: judge every (lens, model) with an LLM; resumable, no patch judged twice."""
-    import dataclasses
-
-    from reproduce.judge.client import FatalJudgeError, JudgeConfig
+    from reproduce.judge.client import FatalJudgeError
     from reproduce.judge.names import LENSES
     from reproduce.steps.judging import judge_all
 
@@ -412,27 +370,11 @@ def judge(
 
         patches_per_layer = len(read_manifest(layout.images) or [None]) if tiny else 100
     server = None
-    if fake_judge or (tiny and not base_url):
+    if opts["fake_judge"] or (tiny and not opts["base_url"]):
         from reproduce.judge.fake import FakeJudgeServer
 
         server = FakeJudgeServer().start()
-        base_url, judge_model = server.url, judge_model or "fake-judge"
-    config = JudgeConfig.from_env(
-        api_key_env=api_key_env,
-        base_url=base_url,
-        model=judge_model,
-        timeout=timeout,
-        max_retries=max_retries,
-        backoff_base=backoff,
-        temperature=temperature,
-        max_completion_tokens=max_completion_tokens,
-        image_detail=image_detail,
-    )
-    if reasoning_effort is None and config.model.startswith("gpt-5"):
-        reasoning_effort = "low"
-    config = dataclasses.replace(config, reasoning_effort=reasoning_effort)
-    if server:
-        config = dataclasses.replace(config, api_key=None)
+    config = judge_config(opts, server.url if server else None)
     click.echo(f"step 4: judge {config.model} at {config.endpoint}")
     try:
         outcomes = judge_all(
@@ -442,7 +384,7 @@ def judge(
             lenses=_names(lens_names) or list(LENSES),
             patches_per_layer=patches_per_layer,
             seed=seed,
-            concurrency=concurrency,
+            concurrency=opts["concurrency"],
             force=force,
             progress=sys.stderr.isatty(),
         )
@@ -462,7 +404,7 @@ def judge(
             "Run the step again to retry them.",
             err=True,
         )
-        if strict:
+        if opts["strict"]:
             sys.exit(3)
 
 
@@ -495,6 +437,8 @@ def vg_phrases_cmd(region_descriptions: str, out_txt: str) -> None:
     n = vg_phrases(region_descriptions, out_txt)
     click.echo(f"wrote {n:,} phrases to {out_txt} (the paper's corpus has 2,992,111)")
 
+
+main.add_command(evaluate_group)
 
 if __name__ == "__main__":
     main()

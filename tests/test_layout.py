@@ -27,7 +27,7 @@ ENTRY_POINTS = {
     "quickstart",
 }
 # Modules holding commands: they import the library inside the command, so --help is fast.
-FACES = ENTRY_POINTS | {"latentlens.cli_explain"}
+FACES = ENTRY_POINTS | {"latentlens.cli_explain", "reproduce.judge.cli"}
 # Third-party packages imported inside functions on purpose: heavy (torch and friends),
 # optional extras, or only needed by one command.
 LOCAL_OK = {

@@ -48,7 +48,7 @@ from reproduce.judge import (
     valid_windows,
     write_report,
 )
-from reproduce.judge.__main__ import main as cli
+from reproduce.judge.cli import main as cli
 from reproduce.judge.render import judge_views
 from reproduce.judge.sampling import ImageGrid, make_rng
 from reproduce.lens_files import detect_method, find_layer_files

@@ -1,0 +1,92 @@
+"""Options shared by the commands of `python -m reproduce` (defined once, used everywhere).
+
+The judge's client options are taken by the pipeline's step 4 (`judge`) and by the
+stand-alone `evaluate judge` command alike, and turned into one `JudgeConfig` by
+`judge_config`, with the same defaults (reasoning effort low for GPT-5 judges: the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from reproduce.judge.client import JudgeConfig
+
+F = Callable[..., Any]
+
+
+def judge_client_options(fn: F) -> F:
+    """The judge client's options: endpoint, model, key, retries, sampling settings."""
+    options = [
+        click.option(
+            "--base-url",
+            default=None,
+            help="OpenAI-compatible API root [env OPENAI_BASE_URL, else api.openai.com/v1].",
+        ),
+        click.option(
+            "--judge-model",
+            "--model",
+            "judge_model",
+            default=None,
+            help="Judge model [env LATENTLENS_JUDGE_MODEL, else gpt-5].",
+        ),
+        click.option(
+            "--api-key-env",
+            default="OPENAI_API_KEY",
+            show_default=True,
+            help="Environment variable that holds the API key (unset: no key sent).",
+        ),
+        click.option(
+            "--fake-judge", is_flag=True, help="Judge with the built-in fake judge on 127.0.0.1."
+        ),
+        click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1)),
+        click.option("--max-retries", default=5, show_default=True, type=click.IntRange(0)),
+        click.option("--timeout", default=120.0, show_default=True, help="Seconds per request."),
+        click.option(
+            "--backoff", default=2.0, show_default=True, help="First retry delay (s), doubling."
+        ),
+        click.option(
+            "--reasoning-effort",
+            default=None,
+            help="e.g. low [default: low for gpt-5 judges (the paper), else unset].",
+        ),
+        click.option("--temperature", type=float, default=None),
+        click.option("--max-completion-tokens", type=int, default=None),
+        click.option("--image-detail", type=click.Choice(["low", "high", "auto"]), default=None),
+        click.option("--extra-body", default=None, help="JSON object merged into every request."),
+        click.option("--strict", is_flag=True, help="Exit with status 3 when some patches failed."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def judge_config(opts: dict[str, Any], fake_url: str | None = None) -> JudgeConfig:
+    """The `JudgeConfig` of `judge_client_options` values (``fake_url``: the fake judge's)."""
+    extra = json.loads(opts["extra_body"]) if opts.get("extra_body") else None
+    if extra is not None and not isinstance(extra, dict):
+        raise click.BadParameter("--extra-body must be a JSON object")
+    model = opts["judge_model"] or ("fake-judge" if fake_url else None)
+    config = JudgeConfig.from_env(
+        api_key_env=opts["api_key_env"],
+        base_url=fake_url or opts["base_url"],
+        model=model,
+        timeout=opts["timeout"],
+        max_retries=opts["max_retries"],
+        backoff_base=opts["backoff"],
+        temperature=opts["temperature"],
+        max_completion_tokens=opts["max_completion_tokens"],
+        image_detail=opts["image_detail"],
+        extra_body=extra,
+    )
+    effort = opts["reasoning_effort"]
+    if effort is None and config.model.startswith("gpt-5"):
+        effort = "low"
+    config = dataclasses.replace(config, reasoning_effort=effort)
+    if fake_url:
+        config = dataclasses.replace(config, api_key=None)
+    return config
