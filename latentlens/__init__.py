@@ -27,6 +27,7 @@ _LAZY: dict[str, str] = {
     "load_corpus": "latentlens.corpus",
     "auto_layers": "latentlens.extract",
     "build_index": "latentlens.extract",
+    "BuildConfig": "latentlens.extract",
     "ContextualIndex": "latentlens.index",
     "Neighbor": "latentlens.results",
     "InterpretResult": "latentlens.results",
@@ -47,7 +48,7 @@ _LAZY: dict[str, str] = {
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from latentlens.corpus import load_corpus
-    from latentlens.extract import auto_layers, build_index
+    from latentlens.extract import BuildConfig, auto_layers, build_index
     from latentlens.index import ContextualIndex
     from latentlens.interpretation import interpret
     from latentlens.lenses import EmbeddingLens, LatentLens, Lens, LogitLens
@@ -79,6 +80,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "BankFormatError",
     "BankNotFoundError",
+    "BuildConfig",
     "ContextualIndex",
     "CorpusError",
     "DimensionMismatchError",
