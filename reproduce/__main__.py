@@ -16,7 +16,7 @@ import click
 
 from latentlens.options import parse_layers
 from reproduce.judge.cli import main as evaluate_group
-from reproduce.options import judge_client_options, judge_config
+from reproduce.options import judge_client_options, judge_config, sampling_options
 
 DEFAULT_OUT = "out/paper"
 DEFAULT_TINY_OUT = "out/tiny"
@@ -348,7 +348,7 @@ def lenses(
     type=click.IntRange(1),
     help="Patches judged per layer, one per image [default: 100; --tiny: the images].",
 )
-@click.option("--seed", default=42, show_default=True)
+@sampling_options
 def judge(
     out: str | None,
     tiny: bool,
@@ -384,6 +384,7 @@ def judge(
             lenses=_names(lens_names) or list(LENSES),
             patches_per_layer=patches_per_layer,
             seed=seed,
+            seeding=opts["seeding"],
             concurrency=opts["concurrency"],
             force=force,
             progress=sys.stderr.isatty(),

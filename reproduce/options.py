@@ -65,6 +65,25 @@ def judge_client_options(fn: F) -> F:
     return fn
 
 
+def sampling_options(fn: F) -> F:
+    """How the judged patches are drawn: the seed, and whether it is set per layer."""
+    options = [
+        click.option("--seed", default=42, show_default=True),
+        click.option(
+            "--seeding",
+            type=click.Choice(["per-layer", "once"]),
+            default="per-layer",
+            show_default=True,
+            help="per-layer: a fresh generator seeded --seed for each layer, so every layer "
+            "judges the same patches (the paper); once: one generator through all layers "
+            "(the released script's behaviour).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def judge_config(opts: dict[str, Any], fake_url: str | None = None) -> JudgeConfig:
     """The `JudgeConfig` of `judge_client_options` values (``fake_url``: the fake judge's)."""
     extra = json.loads(opts["extra_body"]) if opts.get("extra_body") else None

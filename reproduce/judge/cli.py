@@ -17,7 +17,7 @@ import click
 
 from latentlens.options import parse_layers
 from reproduce.judge.render import ENCODERS
-from reproduce.options import judge_client_options, judge_config
+from reproduce.options import judge_client_options, judge_config, sampling_options
 
 
 @click.group(
@@ -68,14 +68,13 @@ def main(verbose: bool) -> None:
 )
 @click.option("--layers", default=None, help="Comma-separated query layers [default: all found].")
 @click.option("--patches-per-layer", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=42, show_default=True)
+@sampling_options
 @click.option(
     "--convention",
     type=click.Choice(["encoder", "original"]),
-    default="encoder",
-    show_default=True,
-    help="Real-patch test: the encoder's input, or the released "
-    "evaluator's 512-px cells (reproduces its patch choice).",
+    default=None,
+    help="Real-patch test: the encoder's input, or the released evaluator's 512-px cells "
+    "(reproduces its patch choice) [default: original for the paper's models, else encoder].",
 )
 @click.option(
     "--input-size",
@@ -119,6 +118,7 @@ def judge(**opts: Any) -> None:
                 layers=parse_layers(opts["layers"]),
                 patches_per_layer=opts["patches_per_layer"],
                 seed=opts["seed"],
+                seeding=opts["seeding"],
                 concurrency=opts["concurrency"],
                 cache_path=opts["cache_path"],
                 dry_run=opts["dry_run"],

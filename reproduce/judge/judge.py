@@ -24,8 +24,8 @@ from PIL import Image
 from latentlens.atomic import write_json
 from reproduce.judge.cache import CACHE_FILE, JudgeCache, read_cache
 from reproduce.judge.client import JudgeClient, JudgeConfig, JudgeFailed
-from reproduce.judge.names import canonical_lens, encoder_for_model
-from reproduce.judge.plan import PatchTask, plan_tasks
+from reproduce.judge.names import canonical_lens, default_convention, encoder_for_model
+from reproduce.judge.plan import PatchTask, Seeding, plan_tasks
 from reproduce.judge.prompt import build_messages, build_prompt
 from reproduce.judge.render import (
     RENDER_SIZE,
@@ -318,7 +318,8 @@ def evaluate(
     concurrency: int = 8,
     cache_path: str | Path | None = None,
     dry_run: bool = False,
-    convention: Convention = "encoder",
+    convention: Convention | None = None,
+    seeding: Seeding = "per-layer",
     input_size: int | None = None,
     progress: bool = False,
 ) -> Evaluation:
@@ -327,12 +328,16 @@ def evaluate(
     ``lens`` and ``model`` default to the names of ``output_dir``'s parent and of
     ``output_dir`` (the ``<eval>/<lens>/<model>`` layout that :mod:`aggregate` reads); the
     encoder defaults to the one the model's name points to. With ``dry_run`` nothing is
-    sent or written: only the plan and the cost estimate are returned.
+    sent or written: only the plan and the cost estimate are returned. The patch rule
+    (``convention``) defaults to the released evaluator's for the paper's models and to
+    the encoder's input for others; ``seeding`` is ``"per-layer"`` (the paper: every layer
+    judges the same patches) or ``"once"`` (the released script's single generator).
     """
     output_dir = Path(output_dir)
     lens = canonical_lens(lens or output_dir.parent.name)
     model = model or output_dir.name
     encoder = encoder or encoder_for_model(model)
+    convention = convention or default_convention(model)  # type: ignore[assignment]
     cache_path = Path(cache_path) if cache_path is not None else output_dir / CACHE_FILE
     tasks = plan_tasks(
         results_dir,
@@ -344,6 +349,7 @@ def evaluate(
         patches_per_layer=patches_per_layer,
         seed=seed,
         convention=convention,
+        seeding=seeding,
         input_size=input_size,
     )
     estimate = estimate_cost(tasks, config.model, cache_path)

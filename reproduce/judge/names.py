@@ -81,3 +81,10 @@ def encoder_for_model(name: str) -> Encoder:
         f"cannot tell the vision encoder of {name!r}; pass it explicitly "
         "(clip, siglip, dinov2 or qwen2vl)"
     )
+
+
+def default_convention(model: str | None) -> str:
+    """The real-patch rule the judge uses by default for a model: the released
+    evaluator's ("original", which reproduces its patch choice) for the paper's models,
+    the encoder's own input for any other VLM."""
+    return "original" if model in (*CONNECTOR_MODELS, QWEN2VL) else "encoder"

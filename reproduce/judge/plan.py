@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from reproduce.judge.prompt import PROMPT_VERSION
 from reproduce.judge.render import WINDOW, Encoder, load_rgb
@@ -58,6 +59,10 @@ class PatchTask:
         )
 
 
+Seeding = Literal["per-layer", "once"]
+SEEDINGS: tuple[Seeding, ...] = ("per-layer", "once")
+
+
 def find_image(images_dir: str | Path, image_idx: int) -> Path | None:
     """The file of image ``image_idx``: ``00012.jpg``, ``12.jpg``, then ``.png``/``.jpeg``."""
     for pattern in IMAGE_NAMES:
@@ -79,10 +84,15 @@ def plan_tasks(
     seed: int = 42,
     convention: Convention = "encoder",
     input_size: int | None = None,
+    seeding: Seeding = "per-layer",
 ) -> list[PatchTask]:
     """The patches to judge, layer after layer, from one lens's result files (SPEC §7).
 
-    One generator seeded ``seed`` serves all layers in the given order. Per layer the
+    With ``seeding="per-layer"`` (the paper: one judge process per layer, each seeded 42)
+    every layer's draw starts from a fresh generator seeded ``seed``, so every layer
+    judges the same patches wherever its files hold the same images; ``"once"`` (the
+    released script, which seeds once before its layer loop) runs one generator through
+    all layers in the given order. Per layer the
     images are walked in file order; images without a file, without patches or without a
     valid window are skipped before drawing; a drawn patch that is missing from the file
     or has no words is skipped after drawing (as the original did).
@@ -96,6 +106,7 @@ def plan_tasks(
         layers: query layers, in order; ``None`` = every layer with a file.
         patches_per_layer: patches per layer (fewer if the images run out).
         seed: the sampling seed.
+        seeding: ``"per-layer"`` (the paper) or ``"once"`` (the released script).
         convention: the real-patch test, see :func:`sampling.real_patch_mask`.
         input_size: the encoder's input side, likewise.
     """
@@ -104,6 +115,8 @@ def plan_tasks(
         raise FileNotFoundError(
             f"no lens result files (*layerN*.json / *visualN*.json) in {results_dir}"
         )
+    if seeding not in SEEDINGS:
+        raise ValueError(f"seeding must be one of {SEEDINGS}, got {seeding!r}")
     rng = make_rng(seed)
     sizes: dict[Path, tuple[int, int]] = {}
     tasks: list[PatchTask] = []
@@ -111,6 +124,8 @@ def plan_tasks(
         if layer not in files:
             log.warning("no result file for layer %d in %s; skipped", layer, results_dir)
             continue
+        if seeding == "per-layer":
+            rng = make_rng(seed)  # afresh for each layer: every layer draws the same patches
         data = load_lens_layer(files[layer], layer)
         by_idx = {img.image_idx: img for img in data.images}
         paths: dict[int, Path] = {}

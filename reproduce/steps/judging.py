@@ -19,6 +19,7 @@ from reproduce.judge.aggregate import write_report
 from reproduce.judge.client import JudgeConfig
 from reproduce.judge.judge import RESULTS_FILE, evaluate
 from reproduce.judge.names import LENSES
+from reproduce.judge.plan import Seeding
 from reproduce.layout import Layout, read_json_or_none
 from reproduce.lens_files import find_layer_files
 
@@ -86,6 +87,7 @@ def judge_all(
     lenses: Sequence[str] = LENSES,
     patches_per_layer: int = 100,
     seed: int = 42,
+    seeding: Seeding = "per-layer",
     concurrency: int = 8,
     force: bool = False,
     progress: bool = False,
@@ -98,7 +100,9 @@ def judge_all(
         config: the judge endpoint and model.
         lenses: lens names.
         patches_per_layer: patches judged per layer (one per image, in index order).
-        seed: sampling seed (one generator over the layers).
+        seed: sampling seed.
+        seeding: ``"per-layer"`` (the paper: a fresh generator per layer, so every layer
+            judges the same patches) or ``"once"`` (the released script).
         concurrency: requests in flight.
         force: rebuild complete results too (cached verdicts are reused, not re-asked).
         progress: progress bars.
@@ -132,6 +136,7 @@ def judge_all(
                 model=model,
                 patches_per_layer=patches_per_layer,
                 seed=seed,
+                seeding=seeding,
                 concurrency=concurrency,
                 progress=progress,
             )
