@@ -2,7 +2,8 @@
 
 The judge's client options are taken by the pipeline's step 4 (`judge`) and by the
 stand-alone `evaluate judge` command alike, and turned into one `JudgeConfig` by
-`judge_config`, with the same defaults (reasoning effort low for GPT-5 judges: the paper).
+`judge_config`, with the same defaults (reasoning effort and verbosity low for GPT-5
+judges: the paper's call).
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def judge_client_options(fn: F) -> F:
             default=None,
             help="e.g. low [default: low for gpt-5 judges (the paper), else unset].",
         ),
+        click.option(
+            "--verbosity",
+            type=click.Choice(["low", "medium", "high"]),
+            default=None,
+            help="Answer length [default: low for gpt-5 judges (the paper), else unset].",
+        ),
         click.option("--temperature", type=float, default=None),
         click.option("--max-completion-tokens", type=int, default=None),
         click.option("--image-detail", type=click.Choice(["low", "high", "auto"]), default=None),
@@ -102,10 +109,10 @@ def judge_config(opts: dict[str, Any], fake_url: str | None = None) -> JudgeConf
         image_detail=opts["image_detail"],
         extra_body=extra,
     )
-    effort = opts["reasoning_effort"]
-    if effort is None and config.model.startswith("gpt-5"):
-        effort = "low"
-    config = dataclasses.replace(config, reasoning_effort=effort)
+    effort, verbosity = opts["reasoning_effort"], opts.get("verbosity")
+    if config.model.startswith("gpt-5"):  # the paper's call: both low
+        effort, verbosity = effort or "low", verbosity or "low"
+    config = dataclasses.replace(config, reasoning_effort=effort, verbosity=verbosity)
     if fake_url:
         config = dataclasses.replace(config, api_key=None)
     return config

@@ -149,7 +149,7 @@ def find_blocks(model: nn.Module, n_layers: int, embed_path: str | None) -> str:
 
 def _tiny_ids(model: nn.Module, embeddings: nn.Module) -> torch.Tensor:
     weight = getattr(embeddings, "weight", None)
-    vocab = int(weight.shape[0]) if weight is not None else int(getattr(model.config, "vocab_size"))
+    vocab = int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
     device = weight.device if weight is not None else next(model.parameters()).device
     ids = torch.tensor([[3, 7, 11, 5, 13, 9]], device=device) % max(vocab, 1)
     return ids

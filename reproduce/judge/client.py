@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -32,7 +33,7 @@ PATCH_KEY_HEADER = "X-LatentLens-Patch-Key"  # ignored by real servers; the fake
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 FailureKind = Literal[
-    "rate_limit", "server", "timeout", "connection", "malformed", "http", "aborted"
+    "rate_limit", "server", "timeout", "connection", "malformed", "http", "aborted", "length"
 ]
 _WORD_LISTS = ("concrete_words", "abstract_words", "global_words")
 
@@ -61,6 +62,13 @@ class PermanentError(JudgeError):
     """This request cannot succeed (e.g. HTTP 400); it fails at once, the run goes on."""
 
     kind: FailureKind = "http"
+
+
+class TruncatedReply(PermanentError):
+    """The reply hit the token limit (``finish_reason == "length"``): re-sending it would
+    be billed again and cut again, so the patch fails at once with a hint."""
+
+    kind: FailureKind = "length"
 
 
 class FatalJudgeError(JudgeError):
@@ -167,7 +175,8 @@ class JudgeConfig:
         backoff_base, backoff_max: retry ``i`` (from 0) waits a uniformly jittered
             ``[0.5, 1] × min(backoff_max, backoff_base · 2^i)`` seconds, unless the server
             sent ``Retry-After`` (honoured up to ``max_retry_after``).
-        temperature, reasoning_effort, max_completion_tokens: passed through when set.
+        temperature, reasoning_effort, verbosity, max_completion_tokens: passed through
+            when set (the paper's GPT-5 call: effort and verbosity ``low``).
         image_detail: the ``detail`` of the image parts (``low``/``high``/``auto``), if set.
         extra_body: more request fields, passed through unchanged.
     """
@@ -182,6 +191,7 @@ class JudgeConfig:
     max_retry_after: float = 300.0
     temperature: float | None = None
     reasoning_effort: str | None = None
+    verbosity: str | None = None
     max_completion_tokens: int | None = None
     image_detail: str | None = None
     extra_body: Mapping[str, Any] | None = None
@@ -215,6 +225,13 @@ class JudgeReply:
     attempts: int
 
 
+_UNSUPPORTED = re.compile(
+    r"unsupported (parameter|value)|not supported|unrecognized request argument|"
+    r"unknown (parameter|field)|extra inputs are not permitted",
+    re.IGNORECASE,
+)
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -236,6 +253,11 @@ def _reply_text(body: bytes) -> tuple[str, dict[str, Any]]:
         message = data["choices"][0]["message"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise MalformedReply(f"not a chat-completions reply: {body[:200]!r}") from None
+    if data["choices"][0].get("finish_reason") == "length":
+        raise TruncatedReply(
+            "the reply was cut by the token limit (finish_reason 'length'); a reasoning "
+            "model may spend the whole budget thinking: raise --max-completion-tokens"
+        )
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, list):  # some servers return content parts
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
@@ -268,6 +290,8 @@ class JudgeClient:
             body["temperature"] = cfg.temperature
         if cfg.reasoning_effort is not None:
             body["reasoning_effort"] = cfg.reasoning_effort
+        if cfg.verbosity is not None:
+            body["verbosity"] = cfg.verbosity
         if cfg.max_completion_tokens is not None:
             body["max_completion_tokens"] = cfg.max_completion_tokens
         body.update(cfg.extra_body or {})
@@ -321,6 +345,12 @@ class JudgeClient:
             raise RetryableError("server", message, _retry_after(retry_after))
         if status in (401, 403, 404):
             raise FatalJudgeError(f"{message} (check the API key, base URL and judge model)")
+        if status == 400 and _UNSUPPORTED.search(detail):
+            # every request carries the same parameters: none of them can succeed
+            raise FatalJudgeError(
+                f"{message} (a request parameter is not supported by this judge model: drop "
+                "or change it, e.g. --temperature or --reasoning-effort)"
+            )
         raise PermanentError(message)
 
     def delay(self, retry: int, retry_after: float | None) -> float:

@@ -37,6 +37,8 @@ FAULTS = (
     "badjson",
     "invalid",
     "disconnect",
+    "length",
+    "unsupported",
 )
 _KINDS = ("concrete", "abstract", "global")
 
@@ -287,6 +289,11 @@ class FakeJudgeServer:
                     )
                 if fault in ("500", "503", "400", "401"):
                     return self._error(int(fault), f"fake {fault}")
+                if fault == "unsupported":  # what OpenAI answers for e.g. temperature on GPT-5
+                    return self._error(
+                        400,
+                        "Unsupported parameter: 'temperature' is not supported with this model.",
+                    )
                 if fault == "disconnect":
                     self.close_connection = True
                     return None
@@ -312,8 +319,11 @@ class FakeJudgeServer:
                     "choices": [
                         {
                             "index": 0,
-                            "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": content},
+                            "finish_reason": "length" if fault == "length" else "stop",
+                            "message": {
+                                "role": "assistant",
+                                "content": "" if fault == "length" else content,
+                            },
                         }
                     ],
                     "usage": {"prompt_tokens": 800, "completion_tokens": 120, "total_tokens": 920},

@@ -23,7 +23,7 @@ from PIL import Image
 
 from latentlens.atomic import write_json
 from reproduce.judge.cache import CACHE_FILE, JudgeCache, read_cache
-from reproduce.judge.client import JudgeClient, JudgeConfig, JudgeFailed
+from reproduce.judge.client import FatalJudgeError, JudgeClient, JudgeConfig, JudgeFailed
 from reproduce.judge.names import canonical_lens, default_convention, encoder_for_model
 from reproduce.judge.plan import PatchTask, Seeding, plan_tasks
 from reproduce.judge.prompt import build_messages, build_prompt
@@ -116,6 +116,7 @@ def judge_patches(
         keyed.setdefault(t.key(judge_model), t)
     run = JudgeRun()
     stop = threading.Event()
+    fatal: list[FatalJudgeError] = []  # the first fatal error of any worker
     with JudgeCache(cache_path) as cache:
         done = cache.load()
         run.records = {k: done[k] for k in keyed if done.get(k, {}).get("status") == "ok"}
@@ -132,6 +133,11 @@ def judge_patches(
             else:
                 try:
                     reply = client.judge(messages, request_key=key, stop=stop)
+                except FatalJudgeError as e:
+                    # stop the other workers before any of them sends another request
+                    fatal.append(e)
+                    stop.set()
+                    raise
                 except JudgeFailed as e:
                     rec.update(
                         status="failed", error_kind=e.kind, error=str(e), attempts=e.attempts
@@ -170,6 +176,8 @@ def judge_patches(
                         run.usage[name] = run.usage.get(name, 0) + value
         except BaseException as e:
             stop.set()  # retries waiting to be sent give up; in-flight answers are cached
+            if fatal and not isinstance(e, FatalJudgeError):
+                raise fatal[0] from e  # the cause, not another worker's JudgeAborted
             if isinstance(e, KeyboardInterrupt):
                 log.warning("interrupted: waiting for the requests in flight to be cached")
             raise

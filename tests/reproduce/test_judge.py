@@ -795,3 +795,58 @@ def test_paper_models_use_the_released_evaluators_patch_rule_by_default():
 
     assert default_convention("olmo-vit") == default_convention("qwen2vl") == "original"
     assert default_convention("my-own-vlm") == "encoder"
+
+
+def test_a_truncated_reply_is_a_failure_with_a_hint_never_re_sent(project):
+    with FakeJudgeServer(fault_for=lambda key, attempt: "length") as server:
+        ev = evaluate(
+            project["lens"],
+            project["images"],
+            project["out"],
+            fast_config(server, max_retries=3),
+            patches_per_layer=2,
+        )
+        assert ev.run.failures and all(f["error_kind"] == "length" for f in ev.run.failures)
+        assert all("max-completion-tokens" in f["error"] for f in ev.run.failures)
+        assert set(server.attempts.values()) == {1}  # billed once, not re-sent
+
+
+def test_an_unsupported_parameter_stops_every_worker(project):
+    with FakeJudgeServer(fault_for=lambda key, attempt: "unsupported") as server:
+        with pytest.raises(FatalJudgeError, match="not supported"):
+            evaluate(
+                project["lens"],
+                project["images"],
+                project["out"],
+                fast_config(server, temperature=0.0),
+                patches_per_layer=4,
+                concurrency=3,
+            )
+        # only the requests already in flight when the first refusal came back
+        assert sum(server.attempts.values()) <= 3
+
+
+def test_gpt5_judges_get_the_papers_effort_and_verbosity_everywhere():
+    from reproduce.options import judge_config
+
+    opts = dict(
+        judge_model="gpt-5",
+        base_url="http://127.0.0.1:9/v1",
+        api_key_env="NO_SUCH_KEY_VAR",
+        timeout=1.0,
+        max_retries=0,
+        backoff=0.1,
+        temperature=None,
+        max_completion_tokens=None,
+        image_detail=None,
+        extra_body=None,
+        reasoning_effort=None,
+        verbosity=None,
+    )
+    cfg = judge_config(opts)
+    assert (cfg.reasoning_effort, cfg.verbosity) == ("low", "low")
+    body = JudgeClient(cfg).payload([{"role": "user", "content": "x"}])
+    assert body["reasoning_effort"] == "low" and body["verbosity"] == "low"
+    local = judge_config({**opts, "judge_model": "qwen2.5-vl-72b"})
+    assert local.reasoning_effort is None and local.verbosity is None  # vLLM may refuse them
+    assert "verbosity" not in JudgeClient(local).payload([])
