@@ -387,6 +387,7 @@ def judge(
             seeding=opts["seeding"],
             concurrency=opts["concurrency"],
             force=force,
+            dry_run=opts["dry_run"],
             progress=sys.stderr.isatty(),
         )
     except FatalJudgeError as e:
@@ -398,6 +399,11 @@ def judge(
             server.stop()
     for o in outcomes:
         click.echo(f"step 4: {o.describe()}")
+    if opts["dry_run"]:
+        calls = sum(o.sent for o in outcomes if o.status == "dry-run")
+        cached = sum(o.reused for o in outcomes if o.status == "dry-run")
+        click.echo(f"step 4: dry run: {calls} judge call(s) in all, {cached} cached; nothing sent")
+        return
     failed = sum(o.failed for o in outcomes)
     if failed:
         click.echo(

@@ -66,6 +66,11 @@ def judge_client_options(fn: F) -> F:
         click.option("--image-detail", type=click.Choice(["low", "high", "auto"]), default=None),
         click.option("--extra-body", default=None, help="JSON object merged into every request."),
         click.option("--strict", is_flag=True, help="Exit with status 3 when some patches failed."),
+        click.option(
+            "--dry-run",
+            is_flag=True,
+            help="Print the number of judge calls and a token estimate; send and write nothing.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -91,9 +91,6 @@ def main(verbose: bool) -> None:
     help="Verdict cache [default: <output-dir>/judge_cache.jsonl].",
 )
 @click.option(
-    "--dry-run", is_flag=True, help="Print the number of calls and a token estimate; send nothing."
-)
-@click.option(
     "--progress/--no-progress", default=None, help="Progress bar [default: on a terminal]."
 )
 def judge(**opts: Any) -> None:

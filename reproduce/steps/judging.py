@@ -32,17 +32,20 @@ class JudgeOutcome:
 
     lens: str
     model: str
-    status: str  # "judged", "skipped" (already complete) or "missing" (no lens files)
+    status: str  # "judged", "skipped" (complete), "missing" (no lens files) or "dry-run"
     sent: int = 0
     reused: int = 0
     failed: int = 0
     total: int = 0
     interpretable: int = 0
+    estimate: str = ""
 
     def describe(self) -> str:
         """One line for the log."""
         if self.status == "missing":
             return f"{self.lens:>13} × {self.model:<12} no lens files (run step 3)"
+        if self.status == "dry-run":
+            return f"{self.lens:>13} × {self.model:<12} dry run: {self.estimate}"
         head = f"{self.lens:>13} × {self.model:<12} {self.status:<7}"
         body = f"{self.interpretable}/{self.total} interpretable"
         if self.status == "judged":
@@ -91,6 +94,7 @@ def judge_all(
     concurrency: int = 8,
     force: bool = False,
     progress: bool = False,
+    dry_run: bool = False,
 ) -> list[JudgeOutcome]:
     """Judge every (lens, model) of the run that has lens files (SPEC §7).
 
@@ -105,6 +109,8 @@ def judge_all(
             judges the same patches) or ``"once"`` (the released script).
         concurrency: requests in flight.
         force: rebuild complete results too (cached verdicts are reused, not re-asked).
+        dry_run: plan and estimate every (lens, model) that is not complete, sending and
+            writing nothing.
         progress: progress bars.
 
     Returns:
@@ -139,7 +145,21 @@ def judge_all(
                 seeding=seeding,
                 concurrency=concurrency,
                 progress=progress,
+                dry_run=dry_run,
             )
+            if dry_run:
+                est = ev.estimate
+                outcomes.append(
+                    JudgeOutcome(
+                        lens,
+                        model,
+                        "dry-run",
+                        sent=est.calls,
+                        reused=est.cached,
+                        estimate=est.describe(),
+                    )
+                )
+                continue
             run = ev.run
             total, n_int, failed = _counts(ev.results)
             outcomes.append(

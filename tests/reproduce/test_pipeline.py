@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -155,6 +156,35 @@ def test_run_all_again_skips_every_step(tiny_run):
     assert len(re.findall(r"step 4: .* skipped ", log)) == 9  # every (lens, model) judged
     assert "step 5 already done" in log
     assert [p.stat().st_mtime_ns for p in watched] == before
+
+
+def test_judge_dry_run_counts_calls_and_sends_nothing(tiny_run):
+    out, _, _ = tiny_run
+    results = out / "eval" / "latentlens" / "olmo-vit" / "evaluation_results.json"
+    caches = sorted((out / "eval").rglob("judge_cache.jsonl"))
+    before = [results.stat().st_mtime_ns] + [c.read_bytes() for c in caches]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reproduce",
+            "judge",
+            "--tiny",
+            "--out",
+            str(out),
+            "--force",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(re.findall(r"step 4: .* dry run: ", proc.stdout)) == 9
+    # every patch is already judged: nothing would be sent, and nothing was written
+    assert "dry run: 0 judge call(s) in all" in proc.stdout
+    assert [results.stat().st_mtime_ns] + [c.read_bytes() for c in caches] == before
 
 
 def _ok_lines(eval_dir: Path) -> int:
