@@ -63,7 +63,9 @@ def info(bank: str) -> None:
     """Show a bank's manifest: model, layers, rows, dtype and memory (no rows are read)."""
     from pathlib import Path
 
-    from latentlens.bank import is_legacy, read_manifest
+    import torch
+
+    from latentlens.bank import is_legacy, parse_dtype, read_manifest
 
     root = Path(bank)
     if is_legacy(root):  # the original layout has no manifest: its files must be read
@@ -82,7 +84,7 @@ def info(bank: str) -> None:
         manifest = read_manifest(root)
     d = int(manifest["hidden_dim"])
     dtype = str(manifest.get("dtype", "float16"))
-    size = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}.get(dtype, 2)
+    size = torch.empty(0, dtype=parse_dtype(dtype)).element_size()
     rows = {int(k): int(v) for k, v in (manifest.get("rows_per_layer") or {}).items()}
     click.echo(f"bank:        {bank}")
     click.echo(f"model:       {manifest.get('model_name') or '(unknown)'}")

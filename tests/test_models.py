@@ -467,3 +467,29 @@ def test_load_smollm2() -> None:
     batch = tokenizer(["The capital of France is"], return_tensors="pt")
     states = get_hidden_states(model, layers=[0, 30], **batch)
     assert states[30].shape == (1, batch["input_ids"].shape[1], 576)
+
+
+def test_non_finite_states_at_real_tokens_raise_padding_ignored() -> None:
+    model = tiny_causal_lm("llama")
+    batch = _batch("right")
+    pad = (batch["attention_mask"][1] == 0).nonzero()[0, 0]  # a padded position of row 1
+    where: dict[str, tuple[int, int]] = {}
+
+    def poison(module, args, output):  # NaN into block 0's output at one position
+        out = output[0] if isinstance(output, tuple) else output
+        out[where["at"]] = float("nan")
+
+    handle = get_blocks(model)[0].register_forward_hook(poison)
+    try:
+        where["at"] = (1, int(pad))
+        states = get_hidden_states(model, layers=[1], **batch)  # padding: not an error
+        assert torch.isnan(states[1][1, pad]).all()
+        where["at"] = (0, 2)
+        with pytest.raises(FloatingPointError, match="layer 1 .* real tokens"):
+            get_hidden_states(model, layers=[1], **batch)
+        assert get_hidden_states(model, layers=[1], check_finite=False, **batch)
+        model.half()
+        with pytest.raises(FloatingPointError, match="bfloat16"):
+            get_hidden_states(model, layers=[1], **batch)
+    finally:
+        handle.remove()

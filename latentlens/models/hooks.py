@@ -149,11 +149,14 @@ def _check_finite(
     states: dict[int, torch.Tensor], attention_mask: torch.Tensor | None, model: nn.Module
 ) -> None:
     """Raise on NaN/inf at real (unmasked) positions, e.g. an fp16 overflow."""
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.to(next(iter(states.values())).device).bool()
     for layer, h in states.items():
-        real = h
-        if attention_mask is not None and attention_mask.shape == h.shape[:2]:
-            real = h[attention_mask.to(h.device).bool()]
-        if not bool(torch.isfinite(real).all()):
+        bad = ~torch.isfinite(h).all(dim=-1)  # [batch, seq]; no copy of the states
+        if mask is not None and mask.shape == bad.shape:
+            bad &= mask
+        if bool(bad.any()):
             dtype = next((p.dtype for p in model.parameters()), None)
             hint = (
                 " The model runs in float16, whose range some models overflow in early "
