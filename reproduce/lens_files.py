@@ -1,4 +1,4 @@
-"""The lens files of SPEC §8: run the three lenses over a VLM and images, write the files, read them.
+"""The lens files of SPEC §8: run the three lenses over a VLM and images, write them, read them.
 
 The one place that knows the original release's lens-file names and JSON layout: the
 lens runs write them (`run_lenses`) and the judge reads them (`load_lens_layer`,

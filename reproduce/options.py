@@ -3,7 +3,8 @@
 The judge's client options are taken by the pipeline's step 4 (`judge`) and by the
 stand-alone `evaluate judge` command alike, and turned into one `JudgeConfig` by
 `judge_config`, with the same defaults (reasoning effort and verbosity low for GPT-5
-judges: the paper's call).
+judges: the paper's call; the Responses API for api.openai.com, Chat Completions for any
+other server).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def judge_client_options(fn: F) -> F:
             help="Judge model [env LATENTLENS_JUDGE_MODEL, else gpt-5].",
         ),
         click.option(
+            "--api",
+            type=click.Choice(["chat", "responses"]),
+            default=None,
+            help="Chat Completions or the Responses API [default: responses for "
+            "api.openai.com (the paper's GPT-5 call), chat for any other server].",
+        ),
+        click.option(
             "--api-key-env",
             default="OPENAI_API_KEY",
             show_default=True,
@@ -48,7 +56,11 @@ def judge_client_options(fn: F) -> F:
         click.option("--max-retries", default=5, show_default=True, type=click.IntRange(0)),
         click.option("--timeout", default=120.0, show_default=True, help="Seconds per request."),
         click.option(
-            "--backoff", default=2.0, show_default=True, help="First retry delay (s), doubling."
+            "--backoff",
+            default=2.0,
+            show_default=True,
+            help="First wait (s, doubling) before asking again after an unusable reply; "
+            "HTTP errors are retried by the openai SDK (Retry-After honoured).",
         ),
         click.option(
             "--reasoning-effort",
@@ -106,6 +118,7 @@ def judge_config(opts: dict[str, Any], fake_url: str | None = None) -> JudgeConf
         api_key_env=opts["api_key_env"],
         base_url=fake_url or opts["base_url"],
         model=model,
+        api=opts.get("api"),
         timeout=opts["timeout"],
         max_retries=opts["max_retries"],
         backoff_base=opts["backoff"],

@@ -376,9 +376,9 @@ def prepare_images(
     """Take rows in order until ``n`` images load; write them and ``manifest.json``.
 
     Each image lands in ``images_dir`` as ``<index:05d>.jpg`` (or ``.png``). A URL goes
-    through the cache (and is hard-linked from it); a local file is checked and copied. Failures are logged, listed in
-    the manifest under ``failed`` and skipped; a later call does not try them again
-    unless ``retry_failed`` (so the selection stays the same from run to run).
+    through the cache (and is hard-linked from it); a local file is checked and copied.
+    Failures are logged, listed in the manifest under ``failed`` and skipped; a later call
+    does not try them again unless ``retry_failed`` (so the selection stays the same from run to run).
 
     Args:
         rows: the listing, in index order (may be lazy).

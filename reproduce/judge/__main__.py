@@ -1,4 +1,4 @@
-"""``python -m reproduce.judge``: the judge's commands alone (also ``python -m reproduce evaluate``)."""
+"""``python -m reproduce.judge``: the judge's commands (= ``python -m reproduce evaluate``)."""
 
 from reproduce.judge.cli import main
 

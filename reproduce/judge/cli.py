@@ -1,4 +1,4 @@
-"""The judge's own commands (``python -m reproduce evaluate ...``, or ``python -m reproduce.judge``):
+"""The judge's own commands (``python -m reproduce evaluate ...`` or ``python -m reproduce.judge``):
 judge one folder of lens results, aggregate judged folders, or serve the fake judge.
 
 Each command only parses options, calls the library and reports. The judge client's

@@ -1,29 +1,31 @@
-"""A client for any OpenAI-compatible ``/chat/completions`` API, with retries; verdict parsing.
+"""The judge's client: the official ``openai`` SDK (an optional extra), plus what it does not do.
 
-Standard library only (``urllib``). What is retried, with exponential backoff and jitter
-(``Retry-After`` honoured): HTTP 408/409/425/429 and 5xx, time-outs, connection errors,
-replies that are not JSON or hold no parseable, valid verdict. What stops the whole run:
-401/403/404 (a wrong key, URL or model). Any other 4xx fails that one request at once.
+Two APIs: the Responses API (OpenAI's GPT-5 as the paper called it: reasoning effort and
+verbosity low) and Chat Completions (any OpenAI-compatible server: vLLM, llama.cpp, …).
+The SDK sends, times out and retries (HTTP 408/409/429/5xx, time-outs and connection
+errors, with exponential back-off and ``Retry-After``/``retry-after-ms`` honoured). Ours:
+verdict parsing (an unusable reply is asked again, up to ``max_retries`` times), the
+classification of failures (a wrong key, URL, model or an unsupported parameter stops the
+whole run; a reply cut by the token limit fails that patch with a hint and is never
+re-sent), exact request counts, and a stop switch that keeps every worker from sending
+another request once it is set.
+
+``pip install -e ".[judge]"`` installs the SDK.
 """
 
 from __future__ import annotations
 
-import email.utils
-import http.client
+import importlib
 import json
 import logging
 import os
 import random
 import re
-import socket
 import threading
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,10 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-5"
 PATCH_KEY_HEADER = "X-LatentLens-Patch-Key"  # ignored by real servers; the fake one counts by it
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+_NO_KEY = "no-key"  # the SDK insists on a key; local servers started without one ignore it
+
+Api = Literal["chat", "responses"]
+APIS: tuple[Api, ...] = ("chat", "responses")
 
 FailureKind = Literal[
     "rate_limit", "server", "timeout", "connection", "malformed", "http", "aborted", "length"
@@ -45,10 +51,9 @@ class JudgeError(Exception):
 class RetryableError(JudgeError):
     """A request that may succeed if sent again (rate limit, 5xx, time-out, bad reply)."""
 
-    def __init__(self, kind: FailureKind, message: str, retry_after: float | None = None):
+    def __init__(self, kind: FailureKind, message: str):
         super().__init__(message)
         self.kind = kind
-        self.retry_after = retry_after
 
 
 class MalformedReply(RetryableError):
@@ -161,40 +166,56 @@ def parse_verdict(text: str) -> Verdict:
     )
 
 
+def default_api(base_url: str) -> Api:
+    """``"responses"`` for OpenAI's own API (the paper's call), ``"chat"`` for any other server."""
+    host = (urllib.parse.urlsplit(base_url).hostname or "").lower()
+    return "responses" if host == "api.openai.com" else "chat"
+
+
 @dataclass(frozen=True)
 class JudgeConfig:
     """Where and how to ask the judge.
 
     Attributes:
-        base_url: API root; ``/chat/completions`` is appended (a local vLLM server:
-            ``http://localhost:8000/v1``).
+        base_url: API root (a local vLLM server: ``http://localhost:8000/v1``).
         model: the judge model's name.
-        api_key: sent as a bearer token; ``None`` sends no ``Authorization`` header.
-        timeout: seconds per socket operation of one request.
-        max_retries: further attempts after the first, for retryable failures.
-        backoff_base, backoff_max: retry ``i`` (from 0) waits a uniformly jittered
-            ``[0.5, 1] × min(backoff_max, backoff_base · 2^i)`` seconds, unless the server
-            sent ``Retry-After`` (honoured up to ``max_retry_after``).
+        api: ``"responses"`` or ``"chat"``; ``None`` picks by ``base_url``
+            (:func:`default_api`).
+        api_key: sent as a bearer token; ``None`` sends a placeholder (servers started
+            without a key ignore it).
+        timeout: seconds per request (each phase of it).
+        max_retries: further attempts after the first: the SDK's, for HTTP errors, time-outs
+            and dropped connections; ours, for replies that hold no valid verdict.
+        backoff_base, backoff_max: after an unusable reply, retry ``i`` (from 0) waits a
+            jittered ``[0.5, 1] × min(backoff_max, backoff_base · 2^i)`` seconds (the SDK
+            times its own retries: 0.5 s doubling to 8 s, or the server's ``Retry-After``).
         temperature, reasoning_effort, verbosity, max_completion_tokens: passed through
-            when set (the paper's GPT-5 call: effort and verbosity ``low``).
+            when set (the paper's GPT-5 call: effort and verbosity ``low``);
+            ``max_completion_tokens`` is sent as ``max_output_tokens`` to the Responses API.
         image_detail: the ``detail`` of the image parts (``low``/``high``/``auto``), if set.
         extra_body: more request fields, passed through unchanged.
     """
 
     base_url: str = DEFAULT_BASE_URL
     model: str = DEFAULT_MODEL
+    api: Api | None = None
     api_key: str | None = field(default=None, repr=False)
     timeout: float = 120.0
     max_retries: int = 5
     backoff_base: float = 2.0
     backoff_max: float = 60.0
-    max_retry_after: float = 300.0
     temperature: float | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
     max_completion_tokens: int | None = None
     image_detail: str | None = None
     extra_body: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.api is not None and self.api not in APIS:
+            raise ValueError(f"api must be one of {APIS}, not {self.api!r}")
+        if self.max_retries < 0 or not self.timeout > 0:
+            raise ValueError("max_retries must be >= 0 and timeout > 0")
 
     @classmethod
     def from_env(cls, *, api_key_env: str = "OPENAI_API_KEY", **overrides: Any) -> JudgeConfig:
@@ -210,14 +231,20 @@ class JudgeConfig:
         return cls(**kwargs)
 
     @property
+    def resolved_api(self) -> Api:
+        """The API actually called: ``api``, else the default for ``base_url``."""
+        return self.api or default_api(self.base_url)
+
+    @property
     def endpoint(self) -> str:
-        """The chat-completions URL."""
-        return self.base_url.rstrip("/") + "/chat/completions"
+        """The URL the requests go to."""
+        route = "/responses" if self.resolved_api == "responses" else "/chat/completions"
+        return self.base_url.rstrip("/") + route
 
 
 @dataclass(frozen=True)
 class JudgeReply:
-    """A parsed verdict with the raw reply text, the token usage and the attempts it took."""
+    """A parsed verdict with the raw reply text, the token usage and the requests it took."""
 
     verdict: Verdict
     text: str
@@ -227,139 +254,214 @@ class JudgeReply:
 
 _UNSUPPORTED = re.compile(
     r"unsupported (parameter|value)|not supported|unrecognized request argument|"
-    r"unknown (parameter|field)|extra inputs are not permitted",
+    r"unknown (parameter|field)|extra inputs are not permitted|extra_forbidden",
     re.IGNORECASE,
+)
+_TRUNCATED_HINT = (
+    "a reasoning model may spend the whole budget thinking: raise --max-completion-tokens"
 )
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
+def _load_openai() -> Any:
     try:
-        return max(0.0, float(value))
-    except ValueError:
+        import openai
+    except ImportError:
+        raise ImportError(
+            'the judge talks to its server through the openai SDK: pip install -e ".[judge]"'
+        ) from None
+    return openai
+
+
+class _Tally(threading.local):
+    """Per worker thread: requests that left, and the run's stop switch."""
+
+    sent = 0
+    stop: threading.Event | None = None
+
+
+def _make_transport(openai: Any, tally: _Tally, loopback: bool) -> Any:
+    """An HTTP transport that counts each request and refuses to send once ``stop`` is set.
+
+    The refusal is an ``openai.OpenAIError``: the SDK re-raises those at once, without a
+    retry, so a worker waiting out a back-off sends nothing after the run was stopped.
+    """
+    # the SDK's HTTP library (httpx2 today, httpx in older SDKs)
+    httpx = importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0])
+
+    class Stopped(openai.OpenAIError):
         pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+
+    class Transport(httpx.HTTPTransport):
+        def handle_request(self, request: Any) -> Any:
+            if tally.stop is not None and tally.stop.is_set():
+                raise Stopped("the run was stopped")
+            tally.sent += 1
+            return super().handle_request(request)
+
+    # never route a local server through an environment proxy
+    return openai.DefaultHttpxClient(transport=Transport(), trust_env=not loopback), Stopped
 
 
-def _reply_text(body: bytes) -> tuple[str, dict[str, Any]]:
-    """The assistant's text and the usage block of a chat-completions reply."""
-    try:
-        data = json.loads(body)
-        message = data["choices"][0]["message"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise MalformedReply(f"not a chat-completions reply: {body[:200]!r}") from None
-    if data["choices"][0].get("finish_reason") == "length":
-        raise TruncatedReply(
-            "the reply was cut by the token limit (finish_reason 'length'); a reasoning "
-            "model may spend the whole budget thinking: raise --max-completion-tokens"
-        )
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, list):  # some servers return content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    if not isinstance(content, str) or not content.strip():
-        raise MalformedReply("the reply has no text content")
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    return content, usage
+def _parts_for_responses(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages in the Responses API's ``input`` form."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        parts = []
+        for p in content:
+            if p["type"] == "text":
+                parts.append({"type": "input_text", "text": p["text"]})
+            elif p["type"] == "image_url":
+                parts.append(
+                    {
+                        "type": "input_image",
+                        "image_url": p["image_url"]["url"],
+                        "detail": p["image_url"].get("detail", "auto"),
+                    }
+                )
+            else:
+                raise ValueError(f"unknown content part type {p['type']!r}")
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def _usage(obj: Any) -> dict[str, Any]:
+    usage = getattr(obj, "usage", None)
+    if usage is None:
+        return {}
+    data = usage.model_dump() if hasattr(usage, "model_dump") else dict(usage)
+    return {k: v for k, v in data.items() if v is not None}
 
 
 class JudgeClient:
-    """Sends judge requests to an OpenAI-compatible chat-completions API.
+    """Sends judge requests through the ``openai`` SDK, to either API.
 
     Thread-safe: one client serves every worker thread.
+
+    Raises:
+        ImportError: the ``openai`` SDK is not installed (the ``judge`` extra).
     """
 
     def __init__(self, config: JudgeConfig):
         self.config = config
+        self.api: Api = config.resolved_api
         self._rng = random.Random()
-        host = urllib.parse.urlsplit(config.endpoint).hostname or ""
-        handlers: list[urllib.request.BaseHandler] = []
-        if host in _LOOPBACK:  # never route a local server through an environment proxy
-            handlers.append(urllib.request.ProxyHandler({}))
-        self._opener = urllib.request.build_opener(*handlers)
+        self._openai = _load_openai()
+        self._tally = _Tally()
+        host = urllib.parse.urlsplit(config.base_url).hostname or ""
+        http_client, self._stopped = _make_transport(
+            self._openai, self._tally, host in _LOOPBACK
+        )
+        self._sdk = self._openai.OpenAI(
+            api_key=config.api_key or _NO_KEY,
+            base_url=config.base_url,
+            timeout=config.timeout,
+            max_retries=config.max_retries,
+            http_client=http_client,
+        )
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._sdk.close()
+
+    def __enter__(self) -> JudgeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request_args(self, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The SDK call's arguments for these messages (``extra_body`` kept apart)."""
+        cfg = self.config
+        args: dict[str, Any] = {"model": cfg.model}
+        if self.api == "responses":
+            args["input"] = _parts_for_responses(messages)
+            if cfg.reasoning_effort is not None:
+                args["reasoning"] = {"effort": cfg.reasoning_effort}
+            if cfg.verbosity is not None:
+                args["text"] = {"verbosity": cfg.verbosity}
+            if cfg.max_completion_tokens is not None:
+                args["max_output_tokens"] = cfg.max_completion_tokens
+        else:
+            args["messages"] = list(messages)
+            if cfg.reasoning_effort is not None:
+                args["reasoning_effort"] = cfg.reasoning_effort
+            if cfg.verbosity is not None:
+                args["verbosity"] = cfg.verbosity
+            if cfg.max_completion_tokens is not None:
+                args["max_completion_tokens"] = cfg.max_completion_tokens
+        if cfg.temperature is not None:
+            args["temperature"] = cfg.temperature
+        return args
 
     def payload(self, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """The request body for these messages."""
-        cfg = self.config
-        body: dict[str, Any] = {"model": cfg.model, "messages": list(messages)}
-        if cfg.temperature is not None:
-            body["temperature"] = cfg.temperature
-        if cfg.reasoning_effort is not None:
-            body["reasoning_effort"] = cfg.reasoning_effort
-        if cfg.verbosity is not None:
-            body["verbosity"] = cfg.verbosity
-        if cfg.max_completion_tokens is not None:
-            body["max_completion_tokens"] = cfg.max_completion_tokens
-        body.update(cfg.extra_body or {})
-        return body
+        """The JSON body sent for these messages."""
+        return {**self.request_args(messages), **(self.config.extra_body or {})}
 
     def send(
         self, messages: Sequence[Mapping[str, Any]], request_key: str | None = None
     ) -> tuple[str, dict[str, Any]]:
-        """One request, no retry: the reply text and its usage.
+        """One SDK call (the SDK's own retries included): the reply text and its usage.
 
         Raises:
             RetryableError, PermanentError, FatalJudgeError: classified failures.
+            JudgeAborted: the stop switch was set before a request could leave.
         """
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        openai = self._openai
+        extra: dict[str, Any] = {}
         if request_key:
-            headers[PATCH_KEY_HEADER] = request_key
-        data = json.dumps(self.payload(messages)).encode("utf-8")
-        req = urllib.request.Request(
-            self.config.endpoint, data=data, headers=headers, method="POST"
-        )
+            extra["extra_headers"] = {PATCH_KEY_HEADER: request_key}
+        if self.config.extra_body:
+            extra["extra_body"] = dict(self.config.extra_body)
+        args = self.request_args(messages)
         try:
-            with self._opener.open(req, timeout=self.config.timeout) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as e:
-            try:
-                detail = e.read()[:300].decode("utf-8", "replace")
-            except (OSError, http.client.HTTPException):
-                detail = ""
-            retry_after = e.headers.get("Retry-After") if e.headers else None
-            self._raise_for_status(e.code, detail, retry_after)
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise RetryableError("timeout", f"timed out: {e.reason}") from None
-            raise RetryableError("connection", f"connection failed: {e.reason}") from None
-        except TimeoutError as e:
+            if self.api == "responses":
+                reply = self._sdk.responses.create(**args, **extra)
+            else:
+                reply = self._sdk.chat.completions.create(**args, **extra)
+        except self._stopped:
+            raise JudgeAborted("the run was stopped") from None
+        except openai.APIStatusError as e:
+            raise self._classify(e.status_code, _error_message(e)) from None
+        except openai.APITimeoutError as e:
             raise RetryableError("timeout", f"timed out: {e}") from None
-        except (OSError, http.client.HTTPException) as e:
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e
+            if isinstance(cause, self._stopped):  # SDKs that retry every exception
+                raise JudgeAborted("the run was stopped") from None
             raise RetryableError(
-                "connection", f"connection failed: {type(e).__name__}: {e}"
+                "connection", f"connection failed: {type(cause).__name__}: {cause}"
             ) from None
-        return _reply_text(body)
+        except (openai.APIResponseValidationError, ValueError) as e:
+            raise MalformedReply(f"the reply could not be read: {e}") from None
+        if self.api == "responses":
+            return _responses_text(reply), _usage(reply)
+        return _chat_text(reply), _usage(reply)
 
     @staticmethod
-    def _raise_for_status(status: int, detail: str, retry_after: str | None) -> NoReturn:
+    def _classify(status: int, detail: str) -> JudgeError:
         message = f"HTTP {status}: {detail}".strip()
         if status == 429:
-            raise RetryableError("rate_limit", message, _retry_after(retry_after))
+            return RetryableError("rate_limit", message)
         if status >= 500 or status in (408, 409, 425):
-            raise RetryableError("server", message, _retry_after(retry_after))
+            return RetryableError("server", message)
         if status in (401, 403, 404):
-            raise FatalJudgeError(f"{message} (check the API key, base URL and judge model)")
-        if status == 400 and _UNSUPPORTED.search(detail):
+            return FatalJudgeError(f"{message} (check the API key, base URL and judge model)")
+        if status in (400, 422) and _UNSUPPORTED.search(detail):
             # every request carries the same parameters: none of them can succeed
-            raise FatalJudgeError(
-                f"{message} (a request parameter is not supported by this judge model: drop "
-                "or change it, e.g. --temperature or --reasoning-effort)"
+            return FatalJudgeError(
+                f"{message} (a request parameter is not supported by this judge model or "
+                "API: drop or change it, e.g. --temperature, --reasoning-effort, --verbosity, "
+                "or try --api chat)"
             )
-        raise PermanentError(message)
+        return PermanentError(message)
 
-    def delay(self, retry: int, retry_after: float | None) -> float:
-        """Seconds to wait before retry number ``retry`` (from 0)."""
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before asking again after unusable reply number ``retry`` (from 0)."""
         cfg = self.config
-        if retry_after is not None:
-            return min(retry_after, cfg.max_retry_after) + self._rng.uniform(
-                0, 0.1 * cfg.backoff_base
-            )
         return min(cfg.backoff_max, cfg.backoff_base * 2**retry) * self._rng.uniform(0.5, 1.0)
 
     def judge(
@@ -369,33 +471,91 @@ class JudgeClient:
         request_key: str | None = None,
         stop: threading.Event | None = None,
     ) -> JudgeReply:
-        """Ask for a verdict, retrying retryable failures.
+        """Ask for a verdict; the SDK retries transport failures, we retry unusable replies.
 
         Args:
             messages: the chat messages (see :func:`prompt.build_messages`).
             request_key: sent in a header so a test server can count requests per patch.
-            stop: when set, waiting retries give up (:class:`JudgeAborted`).
+            stop: once set, no request leaves this call (:class:`JudgeAborted`).
 
         Raises:
-            JudgeFailed: retries exhausted, or a non-retryable request error.
-            FatalJudgeError: the run cannot succeed (authentication, URL, model).
+            JudgeFailed: retries exhausted, or a non-retryable request error; ``attempts``
+                counts the requests that left.
+            FatalJudgeError: the run cannot succeed (authentication, URL, model, parameter).
             JudgeAborted: ``stop`` was set.
         """
         stop = stop or threading.Event()
-        attempts = self.config.max_retries + 1
-        for attempt in range(attempts):
-            if stop.is_set():
-                raise JudgeAborted("the run was stopped")
-            try:
-                text, usage = self.send(messages, request_key)
-                return JudgeReply(parse_verdict(text), text, usage, attempt + 1)
-            except PermanentError as e:
-                raise JudgeFailed(e.kind, str(e), attempt + 1) from None
-            except RetryableError as e:
-                if attempt + 1 == attempts:
-                    raise JudgeFailed(e.kind, str(e), attempts) from None
-                wait = self.delay(attempt, e.retry_after)
-                log.debug("%s (%s); retry %d in %.2fs", e.kind, e, attempt + 1, wait)
-                if stop.wait(wait):
-                    raise JudgeAborted("the run was stopped") from None
-        raise AssertionError("unreachable")
+        tally = self._tally
+        tally.sent, tally.stop = 0, stop
+        try:
+            for retry in range(self.config.max_retries + 1):
+                if stop.is_set():
+                    raise JudgeAborted("the run was stopped")
+                try:
+                    text, usage = self.send(messages, request_key)
+                    return JudgeReply(parse_verdict(text), text, usage, tally.sent)
+                except PermanentError as e:
+                    raise JudgeFailed(e.kind, str(e), tally.sent) from None
+                except MalformedReply as e:
+                    if retry == self.config.max_retries:
+                        raise JudgeFailed(e.kind, str(e), tally.sent) from None
+                    wait = self.delay(retry)
+                    log.debug("unusable reply (%s); asking again in %.2fs", e, wait)
+                    if stop.wait(wait):
+                        raise JudgeAborted("the run was stopped") from None
+                except RetryableError as e:  # the SDK's retries are spent
+                    raise JudgeFailed(e.kind, str(e), tally.sent) from None
+            raise AssertionError("unreachable")
+        finally:
+            tally.stop = None
+
+
+def _error_message(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"][:300]
+        if isinstance(body.get("message"), str):
+            return body["message"][:300]
+    return str(getattr(e, "message", e))[:300]
+
+
+def _chat_text(reply: Any) -> str:
+    """The assistant's text of a chat completion."""
+    choices = getattr(reply, "choices", None)
+    if not choices:
+        raise MalformedReply(f"not a chat-completions reply: {str(reply)[:200]!r}")
+    choice = choices[0]
+    if choice.finish_reason == "length":
+        raise TruncatedReply(
+            f"the reply was cut by the token limit (finish_reason 'length'); {_TRUNCATED_HINT}"
+        )
+    message = getattr(choice, "message", None)
+    content = getattr(message, "content", None)
+    if isinstance(content, list):  # some servers return content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str) or not content.strip():
+        raise MalformedReply("the reply has no text content")
+    return content
+
+
+def _responses_text(reply: Any) -> str:
+    """The output text of a Responses API reply."""
+    status = getattr(reply, "status", None)
+    details = getattr(reply, "incomplete_details", None)
+    if status == "incomplete" and getattr(details, "reason", None) == "max_output_tokens":
+        raise TruncatedReply(
+            f"the reply was cut by the token limit (status 'incomplete', "
+            f"max_output_tokens); {_TRUNCATED_HINT}"
+        )
+    error = getattr(reply, "error", None)
+    if status == "failed" or error is not None:
+        raise MalformedReply(f"the response failed: {error}")
+    try:
+        text = reply.output_text
+    except (AttributeError, TypeError):
+        raise MalformedReply(f"not a Responses API reply: {str(reply)[:200]!r}") from None
+    if not isinstance(text, str) or not text.strip():
+        raise MalformedReply("the reply has no output text")
+    return text

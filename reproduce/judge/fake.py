@@ -1,11 +1,12 @@
-"""A deterministic stand-in judge, and a real chat-completions HTTP server around it (loopback).
+"""A deterministic stand-in judge, and a real OpenAI-compatible HTTP server around it (loopback).
 
-The server is what the tests and the offline ``--tiny`` pipeline talk to. It checks the
-request's shape (boxed image, instructions, crop), answers from the candidate words in
-the prompt, and can misbehave on a schedule: 429 with ``Retry-After``, 5xx, replies too
-slow for the client's time-out, replies that are not JSON or hold no valid verdict, or a
-dropped connection. It counts, per patch key, the requests it received and the verdicts
-it delivered.
+The server speaks both APIs the judge uses: ``POST /v1/chat/completions`` and ``POST
+/v1/responses``. It is what the tests and the offline ``--tiny`` pipeline talk to. It
+checks the request's shape (boxed image, instructions, crop), answers from the candidate
+words in the prompt, and can misbehave on a schedule: 429 with ``Retry-After``, 5xx,
+replies too slow for the client's time-out, replies that are not JSON or hold no valid
+verdict, a dropped connection, a reply cut by the token limit, an unsupported parameter.
+It counts, per patch key, the requests it received and the verdicts it delivered.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -41,6 +43,94 @@ FAULTS = (
     "unsupported",
 )
 _KINDS = ("concrete", "abstract", "global")
+
+
+_EXPECTED_TYPES = {
+    "chat": ("image_url", "text", "image_url"),
+    "responses": ("input_image", "input_text", "input_image"),
+}
+_USAGE = {"prompt_tokens": 800, "completion_tokens": 120, "total_tokens": 920}
+
+
+def _request_parts(body: Mapping[str, Any], api: str) -> tuple[list[str], str, list[str]]:
+    """The content part types, the text and the image URLs of a request (KeyError if none)."""
+    content = body["messages" if api == "chat" else "input"][0]["content"]
+    types = [p["type"] for p in content]
+    if api == "chat":
+        text = next(p["text"] for p in content if p["type"] == "text")
+        urls = [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
+    else:
+        text = next(p["text"] for p in content if p["type"] == "input_text")
+        urls = [p["image_url"] for p in content if p["type"] == "input_image"]
+    return types, text, urls
+
+
+def _settings(body: Mapping[str, Any], api: str) -> dict[str, Any]:
+    """The sampling settings a request carries, under the names of the chat API."""
+    if api == "chat":
+        names = ("reasoning_effort", "verbosity", "max_completion_tokens", "temperature")
+        return {k: body[k] for k in names if k in body}
+    out = {k: body[k] for k in ("temperature",) if k in body}
+    if "reasoning" in body:
+        out["reasoning_effort"] = body["reasoning"].get("effort")
+    if "text" in body:
+        out["verbosity"] = body["text"].get("verbosity")
+    if "max_output_tokens" in body:
+        out["max_completion_tokens"] = body["max_output_tokens"]
+    return out
+
+
+def _chat_reply(key: str, model: str, content: str, cut: bool) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{key[-8:]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "length" if cut else "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
+        "usage": _USAGE,
+    }
+
+
+def _responses_reply(key: str, model: str, content: str, cut: bool) -> dict[str, Any]:
+    output: list[dict[str, Any]] = [
+        {"id": f"rs_{key[-8:]}", "type": "reasoning", "summary": []},
+    ]
+    if content:
+        output.append(
+            {
+                "id": f"msg_{key[-8:]}",
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": content, "annotations": []}],
+            }
+        )
+    return {
+        "id": f"resp_{key[-8:]}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": model,
+        "status": "incomplete" if cut else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "error": None,
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": _USAGE["prompt_tokens"],
+            "output_tokens": _USAGE["completion_tokens"],
+            "total_tokens": _USAGE["total_tokens"],
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 64},
+        },
+    }
 
 
 class FakeJudge:
@@ -233,7 +323,15 @@ class FakeJudgeServer:
 
             def do_POST(self) -> None:  # noqa: N802
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if not self.path.rstrip("/").endswith("/chat/completions"):
+                route = self.path.rstrip("/")
+                api = (
+                    "chat"
+                    if route.endswith("/chat/completions")
+                    else "responses"
+                    if route.endswith("/responses")
+                    else None
+                )
+                if api is None:
                     return self._error(404, f"no route {self.path}")
                 if (
                     server.api_key
@@ -242,15 +340,12 @@ class FakeJudgeServer:
                     return self._error(401, "invalid API key")
                 try:
                     body = json.loads(raw)
-                    content = body["messages"][0]["content"]
-                    types = [p["type"] for p in content]
-                    text = next(p["text"] for p in content if p["type"] == "text")
-                    urls = [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
+                    types, text, urls = _request_parts(body, api)
                 except (ValueError, KeyError, IndexError, TypeError, StopIteration):
-                    return self._error(400, "not a chat-completions request with text and images")
+                    return self._error(400, f"not a {api} request with text and images")
                 words = parse_prompt_words(text)
                 if (
-                    types != ["image_url", "text", "image_url"]
+                    types != list(_EXPECTED_TYPES[api])
                     or words is None
                     or not all(u.startswith("data:image/png;base64,") for u in urls)
                 ):
@@ -271,23 +366,31 @@ class FakeJudgeServer:
                             {
                                 "key": key,
                                 "fault": fault,
+                                "api": api,
                                 "model": body.get("model"),
                                 "types": types,
                                 "words": words,
+                                "settings": _settings(body, api),
                             }
                         )
-                    self._respond(fault, key, body.get("model", ""), words)
+                    self._respond(fault, key, api, body.get("model", ""), words)
                 finally:
                     with server._lock:
                         server.inflight -= 1
                 return None
 
-            def _respond(self, fault: str, key: str, model: str, words: list[str]) -> None:
+            def _respond(
+                self, fault: str, key: str, api: str, model: str, words: list[str]
+            ) -> None:
+                wait = {
+                    "Retry-After": f"{math.ceil(server.retry_after)}",
+                    "retry-after-ms": f"{server.retry_after * 1000:.0f}",
+                }
                 if fault == "429":
-                    return self._error(
-                        429, "rate limited", {"Retry-After": f"{server.retry_after:g}"}
-                    )
-                if fault in ("500", "503", "400", "401"):
+                    return self._error(429, "rate limited", wait)
+                if fault in ("500", "503"):
+                    return self._error(int(fault), f"fake {fault}", wait)
+                if fault in ("400", "401"):
                     return self._error(int(fault), f"fake {fault}")
                 if fault == "unsupported":  # what OpenAI answers for e.g. temperature on GPT-5
                     return self._error(
@@ -311,23 +414,10 @@ class FakeJudgeServer:
                     ),
                 }.get(fault) or server.judge.reply(words)
                 time.sleep(server.slow_seconds if fault == "slow" else server.reply_delay)
-                reply = {
-                    "id": f"chatcmpl-{key[-8:]}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": "length" if fault == "length" else "stop",
-                            "message": {
-                                "role": "assistant",
-                                "content": "" if fault == "length" else content,
-                            },
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 800, "completion_tokens": 120, "total_tokens": 920},
-                }
+                cut = fault == "length"
+                reply = (_chat_reply if api == "chat" else _responses_reply)(
+                    key, model, "" if cut else content, cut
+                )
                 try:
                     self._send(200, json.dumps(reply).encode())
                 except OSError:

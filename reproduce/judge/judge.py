@@ -365,9 +365,10 @@ def evaluate(
     log.info("%s × %s: %d patches planned; %s", lens, model, len(tasks), estimate.describe())
     if dry_run:
         return result
-    result.run = judge_patches(
-        tasks, JudgeClient(config), cache_path, concurrency=concurrency, progress=progress
-    )
+    with JudgeClient(config) as client:
+        result.run = judge_patches(
+            tasks, client, cache_path, concurrency=concurrency, progress=progress
+        )
     result.results = build_results(tasks, result.run.records, config.model)
     result.results_path = output_dir / RESULTS_FILE
     write_json(result.results_path, result.results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -360,7 +361,8 @@ def test_parse_verdict():
 # ---------------------------------------------------------------- judge runs against a real server
 
 
-def test_judge_survives_faults_and_judges_each_patch_once(project):
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_judge_survives_faults_and_judges_each_patch_once(project, api):
     faults = ["429", "500", "slow", "malformed", "badjson", "invalid", "disconnect", "503", "429"]
     with FakeJudgeServer(
         FakeJudge(RELATED), faults=faults, retry_after=0.05, slow_seconds=0.8
@@ -370,7 +372,7 @@ def test_judge_survives_faults_and_judges_each_patch_once(project):
             project["lens"],
             project["images"],
             project["out"],
-            fast_config(server, max_retries=len(faults)),
+            fast_config(server, max_retries=len(faults), api=api),
             patches_per_layer=4,
             concurrency=3,
         )
@@ -378,7 +380,7 @@ def test_judge_survives_faults_and_judges_each_patch_once(project):
         assert len(keys) == 8 and ev.run is not None and not ev.run.failures
         assert dict(server.successes) == dict.fromkeys(keys, 1)
         assert all(server.served[f] >= 1 for f in set(faults))
-        assert all(e["types"] == ["image_url", "text", "image_url"] for e in server.log)
+        assert {e["api"] for e in server.log} == {api}
         # a second run sends nothing
         again = evaluate(
             project["lens"],
@@ -447,20 +449,27 @@ def test_failures_are_reported_not_counted_and_retried_next_run(project):
         assert again.results[0]["failed_count"] == 0
 
 
-def test_client_honours_retry_after_and_fails_fast_on_400(monkeypatch):
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_client_honours_retry_after_and_fails_fast_on_400(api):
     msgs = build_messages(["dog"], "data:image/png;base64,AA", "data:image/png;base64,BB")
-    plan = {("k1", 1): "429", ("k2", 1): "400"}
+    plan = {("k1", 1): "429", ("k2", 1): "400", ("k3", 1): "503", ("k3", 2): "badjson"}
     with FakeJudgeServer(
         FakeJudge(RELATED), fault_for=lambda k, n: plan.get((k, n)), retry_after=0.3
     ) as server:
-        client = JudgeClient(fast_config(server))
-        t0 = time.monotonic()
-        reply = client.judge(msgs, request_key="k1")
-        assert time.monotonic() - t0 >= 0.3 and reply.attempts == 2
-        assert reply.verdict.concrete_words == ("dog",)
-        with pytest.raises(JudgeFailed) as err:
-            client.judge(msgs, request_key="k2")
-        assert err.value.attempts == 1 and server.attempts["k2"] == 1
+        with JudgeClient(fast_config(server, api=api)) as client:
+            t0 = time.monotonic()
+            reply = client.judge(msgs, request_key="k1")
+            assert time.monotonic() - t0 >= 0.3 and reply.attempts == 2
+            assert reply.verdict.concrete_words == ("dog",) and reply.usage
+            with pytest.raises(JudgeFailed) as err:
+                client.judge(msgs, request_key="k2")
+            assert err.value.attempts == 1 and server.attempts["k2"] == 1
+            # the SDK retries the 503, we re-ask after the reply that is not JSON
+            assert client.judge(msgs, request_key="k3").attempts == 3
+        assert {e["api"] for e in server.log} == {api}
+
+
+def test_the_api_is_chosen_by_base_url_and_the_config_reads_the_environment(monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")
     monkeypatch.setenv("LATENTLENS_JUDGE_MODEL", "judge-x")
     monkeypatch.setenv("MY_KEY", "sk-test")
@@ -471,9 +480,26 @@ def test_client_honours_retry_after_and_fails_fast_on_400(monkeypatch):
         "sk-test",
         3.0,
     )
+    assert cfg.resolved_api == "chat"  # a local server: vLLM, llama.cpp, ...
     assert cfg.endpoint == "http://127.0.0.1:1/v1/chat/completions"
+    openai = JudgeConfig(base_url="https://api.openai.com/v1")
+    assert openai.resolved_api == "responses"
+    assert openai.endpoint == "https://api.openai.com/v1/responses"
+    assert JudgeConfig(base_url="https://api.openai.com/v1", api="chat").resolved_api == "chat"
+    with pytest.raises(ValueError, match="api must be"):
+        JudgeConfig(api="completions")  # type: ignore[arg-type]
+    msgs = build_messages(["dog"], "data:image/png;base64,AA", "data:image/png;base64,BB", "low")
     body = JudgeClient(JudgeConfig(reasoning_effort="low", extra_body={"seed": 1})).payload(msgs)
-    assert body["reasoning_effort"] == "low" and body["seed"] == 1 and "temperature" not in body
+    assert body["reasoning"] == {"effort": "low"} and body["seed"] == 1
+    assert "temperature" not in body and "messages" not in body
+    assert [p["type"] for p in body["input"][0]["content"]] == [
+        "input_image",
+        "input_text",
+        "input_image",
+    ]
+    assert body["input"][0]["content"][0]["detail"] == "low"
+    chat = JudgeClient(JudgeConfig(api="chat", reasoning_effort="low")).payload(msgs)
+    assert chat["reasoning_effort"] == "low" and chat["messages"] == msgs
 
 
 def test_dry_run_sends_nothing_and_counts_calls(project):
@@ -539,7 +565,8 @@ def _ok_lines(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_judging_any_patch_twice(project):
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_killed_run_resumes_without_judging_any_patch_twice(project, api):
     cache = project["out"] / "judge_cache.jsonl"
     log = project["root"] / "judge.log"
     with (
@@ -573,6 +600,8 @@ def test_killed_run_resumes_without_judging_any_patch_twice(project):
             "5",
             "--api-key-env",
             "NO_SUCH_KEY_VAR",
+            "--api",
+            api,
         ]
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -602,7 +631,7 @@ def test_killed_run_resumes_without_judging_any_patch_twice(project):
             project["lens"],
             project["images"],
             project["out"],
-            fast_config(server),
+            fast_config(server, api=api),
             patches_per_layer=6,
             concurrency=2,
         )
@@ -797,13 +826,14 @@ def test_paper_models_use_the_released_evaluators_patch_rule_by_default():
     assert default_convention("my-own-vlm") == "encoder"
 
 
-def test_a_truncated_reply_is_a_failure_with_a_hint_never_re_sent(project):
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_truncated_reply_is_a_failure_with_a_hint_never_re_sent(project, api):
     with FakeJudgeServer(fault_for=lambda key, attempt: "length") as server:
         ev = evaluate(
             project["lens"],
             project["images"],
             project["out"],
-            fast_config(server, max_retries=3),
+            fast_config(server, max_retries=3, api=api),
             patches_per_layer=2,
         )
         assert ev.run.failures and all(f["error_kind"] == "length" for f in ev.run.failures)
@@ -811,19 +841,28 @@ def test_a_truncated_reply_is_a_failure_with_a_hint_never_re_sent(project):
         assert set(server.attempts.values()) == {1}  # billed once, not re-sent
 
 
-def test_an_unsupported_parameter_stops_every_worker(project):
-    with FakeJudgeServer(fault_for=lambda key, attempt: "unsupported") as server:
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_an_unsupported_parameter_stops_every_worker(project, api):
+    arrivals = itertools.count()
+
+    def fault_for(key: str, attempt: int) -> str:
+        # the first request is refused for good; the others are told to come back soon
+        return "unsupported" if next(arrivals) == 0 else "429"
+
+    with FakeJudgeServer(fault_for=fault_for, retry_after=0.4) as server:
         with pytest.raises(FatalJudgeError, match="not supported"):
             evaluate(
                 project["lens"],
                 project["images"],
                 project["out"],
-                fast_config(server, temperature=0.0),
+                fast_config(server, temperature=0.0, api=api),
                 patches_per_layer=4,
                 concurrency=3,
             )
-        # only the requests already in flight when the first refusal came back
+        time.sleep(0.6)  # past the Retry-After the waiting workers were given
+        # only the first wave left; the workers waiting out their 429 sent nothing more
         assert sum(server.attempts.values()) <= 3
+        assert set(server.attempts.values()) == {1}
 
 
 def test_gpt5_judges_get_the_papers_effort_and_verbosity_everywhere():
@@ -847,6 +886,16 @@ def test_gpt5_judges_get_the_papers_effort_and_verbosity_everywhere():
     assert (cfg.reasoning_effort, cfg.verbosity) == ("low", "low")
     body = JudgeClient(cfg).payload([{"role": "user", "content": "x"}])
     assert body["reasoning_effort"] == "low" and body["verbosity"] == "low"
+    paper = judge_config({**opts, "base_url": "https://api.openai.com/v1", "api": None})
+    assert paper.resolved_api == "responses"  # the paper's call
+    body = JudgeClient(paper).payload([{"role": "user", "content": "x"}])
+    assert body["reasoning"] == {"effort": "low"} and body["text"] == {"verbosity": "low"}
     local = judge_config({**opts, "judge_model": "qwen2.5-vl-72b"})
     assert local.reasoning_effort is None and local.verbosity is None  # vLLM may refuse them
     assert "verbosity" not in JudgeClient(local).payload([])
+
+
+def test_without_the_sdk_the_client_says_which_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # import openai → ImportError
+    with pytest.raises(ImportError, match=r"\.\[judge\]"):
+        JudgeClient(JudgeConfig())
