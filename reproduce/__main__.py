@@ -402,7 +402,15 @@ def judge(
     if opts["dry_run"]:
         calls = sum(o.sent for o in outcomes if o.status == "dry-run")
         cached = sum(o.reused for o in outcomes if o.status == "dry-run")
-        click.echo(f"step 4: dry run: {calls} judge call(s) in all, {cached} cached; nothing sent")
+        costs = [o.dollars for o in outcomes if o.status == "dry-run" and o.sent]
+        cost = (
+            f", about ${sum(costs):,.2f}"  # type: ignore[arg-type]
+            if costs and None not in costs
+            else ""
+        )
+        click.echo(
+            f"step 4: dry run: {calls} judge call(s) in all{cost}, {cached} cached; nothing sent"
+        )
         return
     failed = sum(o.failed for o in outcomes)
     if failed:

@@ -77,6 +77,13 @@ def judge_client_options(fn: F) -> F:
         click.option("--max-completion-tokens", type=int, default=None),
         click.option("--image-detail", type=click.Choice(["low", "high", "auto"]), default=None),
         click.option("--extra-body", default=None, help="JSON object merged into every request."),
+        click.option(
+            "--price",
+            default=None,
+            metavar="IN,OUT",
+            help="USD per million input and output tokens, for --dry-run's cost estimate "
+            "[default: the judge model's list price, if known].",
+        ),
         click.option("--strict", is_flag=True, help="Exit with status 3 when some patches failed."),
         click.option(
             "--dry-run",
@@ -114,6 +121,14 @@ def judge_config(opts: dict[str, Any], fake_url: str | None = None) -> JudgeConf
     if extra is not None and not isinstance(extra, dict):
         raise click.BadParameter("--extra-body must be a JSON object")
     model = opts["judge_model"] or ("fake-judge" if fake_url else None)
+    price = None
+    if opts.get("price"):
+        try:
+            price = tuple(float(x) for x in opts["price"].split(","))
+        except ValueError:
+            price = ()
+        if len(price) != 2 or any(not x >= 0 for x in price):
+            raise click.BadParameter("--price takes IN,OUT: two non-negative numbers")
     config = JudgeConfig.from_env(
         api_key_env=opts["api_key_env"],
         base_url=fake_url or opts["base_url"],
@@ -126,6 +141,7 @@ def judge_config(opts: dict[str, Any], fake_url: str | None = None) -> JudgeConf
         max_completion_tokens=opts["max_completion_tokens"],
         image_detail=opts["image_detail"],
         extra_body=extra,
+        price=price,
     )
     effort, verbosity = opts["reasoning_effort"], opts.get("verbosity")
     if config.model.startswith("gpt-5"):  # the paper's call: both low

@@ -194,6 +194,8 @@ class JudgeConfig:
             ``max_completion_tokens`` is sent as ``max_output_tokens`` to the Responses API.
         image_detail: the ``detail`` of the image parts (``low``/``high``/``auto``), if set.
         extra_body: more request fields, passed through unchanged.
+        price: USD per million (input, output) tokens, for the dry run's cost estimate
+            only (default: the model's list price, if known).
     """
 
     base_url: str = DEFAULT_BASE_URL
@@ -210,6 +212,7 @@ class JudgeConfig:
     max_completion_tokens: int | None = None
     image_detail: str | None = None
     extra_body: Mapping[str, Any] | None = None
+    price: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.api is not None and self.api not in APIS:

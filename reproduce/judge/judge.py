@@ -197,20 +197,53 @@ def image_tokens(width: int, height: int) -> int:
     return 85 + 170 * math.ceil(w / 512) * math.ceil(h / 512)
 
 
+# OpenAI's list prices, USD per million (input, output) tokens, standard tier, as of
+# 2025-08; only for the dry run's estimate (override with --price IN,OUT).
+LIST_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-5": (1.25, 10.0),
+    "gpt-5-mini": (0.25, 2.0),
+    "gpt-5-nano": (0.05, 0.40),
+}
+
+
+def list_price(model: str) -> tuple[float, float] | None:
+    """The list price of ``model`` (a dated snapshot takes its family's), or ``None``."""
+    for name in sorted(LIST_PRICES, key=len, reverse=True):
+        if model == name or model.startswith(name + "-20"):
+            return LIST_PRICES[name]
+    return None
+
+
 @dataclass(frozen=True)
 class CostEstimate:
-    """What a run would send: calls, patches already cached, and a token estimate."""
+    """What a run would send: calls, patches already cached, a token and a cost estimate.
+
+    ``price``: USD per million (input, output) tokens, when known.
+    """
 
     calls: int
     cached: int
     input_tokens: int
     output_tokens: int
+    price: tuple[float, float] | None = None
+
+    @property
+    def dollars(self) -> float | None:
+        """The estimated cost in USD, or ``None`` without a price."""
+        if self.price is None:
+            return None
+        return (self.input_tokens * self.price[0] + self.output_tokens * self.price[1]) / 1e6
 
     def describe(self) -> str:
         """One human-readable line."""
+        cost = (
+            f", about ${self.dollars:,.2f}"
+            if self.dollars is not None
+            else " (no price known for this model: pass --price IN,OUT)"
+        )
         return (
             f"{self.calls} judge calls ({self.cached} patches already cached), about "
-            f"{self.input_tokens:,} input and {self.output_tokens:,} output tokens"
+            f"{self.input_tokens:,} input and {self.output_tokens:,} output tokens{cost}"
         )
 
 
@@ -220,11 +253,13 @@ def estimate_cost(
     cache_path: str | Path | None = None,
     *,
     output_tokens_per_call: int = 600,
+    price: tuple[float, float] | None = None,
 ) -> CostEstimate:
-    """Count the calls a run would make and estimate its tokens, sending nothing.
+    """Count the calls a run would make and estimate its tokens and cost, sending nothing.
 
     Text is taken as 4 characters per token; each image by :func:`image_tokens`; the
-    output (reasoning included) as ``output_tokens_per_call``.
+    output (reasoning included) as ``output_tokens_per_call``. ``price`` (USD per million
+    input, output tokens) defaults to the judge model's list price, if known.
     """
     cached = read_cache(cache_path) if cache_path is not None else {}
     keys = {t.key(judge_model): t for t in tasks}
@@ -235,7 +270,11 @@ def estimate_cost(
         tokens += len(build_prompt(t.candidate_words)) // 4 + 10
         tokens += image_tokens(RENDER_SIZE, RENDER_SIZE) + image_tokens(right - left, bottom - top)
     return CostEstimate(
-        len(pending), len(keys) - len(pending), tokens, len(pending) * output_tokens_per_call
+        len(pending),
+        len(keys) - len(pending),
+        tokens,
+        len(pending) * output_tokens_per_call,
+        price or list_price(judge_model),
     )
 
 
@@ -360,7 +399,7 @@ def evaluate(
         seeding=seeding,
         input_size=input_size,
     )
-    estimate = estimate_cost(tasks, config.model, cache_path)
+    estimate = estimate_cost(tasks, config.model, cache_path, price=config.price)
     result = Evaluation(tasks, estimate)
     log.info("%s × %s: %d patches planned; %s", lens, model, len(tasks), estimate.describe())
     if dry_run:

@@ -39,6 +39,7 @@ class JudgeOutcome:
     total: int = 0
     interpretable: int = 0
     estimate: str = ""
+    dollars: float | None = None
 
     def describe(self) -> str:
         """One line for the log."""
@@ -157,6 +158,7 @@ def judge_all(
                         sent=est.calls,
                         reused=est.cached,
                         estimate=est.describe(),
+                        dollars=est.dollars,
                     )
                 )
                 continue

@@ -525,6 +525,16 @@ def test_dry_run_sends_nothing_and_counts_calls(project):
         )
         est = estimate_cost(ev.tasks, "fake-judge", project["out"] / "judge_cache.jsonl")
         assert est.calls == 0 and est.cached == 6
+    # the cost: the judge model's list price, a dated snapshot's, or the one given
+    assert ev.estimate.dollars is None and "--price" in ev.estimate.describe()
+    for model in ("gpt-5", "gpt-5-2025-08-07"):
+        est = estimate_cost(ev.tasks, model)
+        want = (est.input_tokens * 1.25 + est.output_tokens * 10.0) / 1e6
+        assert est.dollars == pytest.approx(want) and f"${want:,.2f}" in est.describe()
+    assert estimate_cost(ev.tasks, "gpt-5-mini").dollars < est.dollars
+    assert estimate_cost(ev.tasks, "gpt-5x").dollars is None
+    mine = estimate_cost(ev.tasks, "qwen", price=(2.0, 0.0))
+    assert mine.dollars == pytest.approx(mine.input_tokens * 2.0 / 1e6)
 
 
 def test_wrong_key_stops_the_run(project):
@@ -766,10 +776,12 @@ def test_cli_dry_run_and_aggregate(project, eval_dir: Path):
             "--dry-run",
             "--base-url",
             "http://127.0.0.1:9/v1",
+            "--price",
+            "3,0",
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "2 judge calls" in res.output and "tokens" in res.output
+    assert "2 judge calls" in res.output and "tokens" in res.output and "$0.0" in res.output
     res = runner.invoke(
         cli,
         [
