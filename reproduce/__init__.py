@@ -9,31 +9,39 @@ the library imports it. ``python -m reproduce --help`` lists the steps;
 from __future__ import annotations
 
 from reproduce.data.pixmo import (
-    HubListing,
+    PIXMO_CAP_REVISION,
     ImageRecord,
     ImageRow,
     ImageSourceError,
+    match_captions,
     molmo_split,
     molmo_validation_order,
+    pixmo_parquet_files,
     prepare_images,
+    read_available,
     read_listing,
     read_manifest,
+    read_pixmo_rows,
 )
 from reproduce.layout import PAPER_MODELS, Layout, bank_name, model_kind, run_folder
 
 __all__ = [
     "PAPER_MODELS",
-    "HubListing",
+    "PIXMO_CAP_REVISION",
     "ImageRecord",
     "ImageRow",
     "ImageSourceError",
     "Layout",
     "bank_name",
     "model_kind",
+    "match_captions",
     "molmo_split",
     "molmo_validation_order",
+    "pixmo_parquet_files",
     "prepare_images",
+    "read_available",
     "read_listing",
     "read_manifest",
+    "read_pixmo_rows",
     "run_folder",
 ]

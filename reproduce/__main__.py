@@ -86,7 +86,7 @@ def main(verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+    for noisy in ("httpx", "httpx2", "openai", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -230,8 +230,8 @@ def extract(
     "--images",
     "source",
     default=None,
-    help="pixmo-cap (the Hub), or a local .jsonl / .parquet listing or image folder "
-    "[default: pixmo-cap; --tiny: the generated images].",
+    help="pixmo-cap (its parquet files on the Hub), or a local .jsonl / .parquet listing "
+    "or image folder [default: pixmo-cap; --tiny: the generated images].",
 )
 @click.option(
     "--num-images",
@@ -242,13 +242,34 @@ def extract(
 @click.option(
     "--molmo-split",
     is_flag=True,
-    help="The local listing is PixMo-Cap's full train listing: take Molmo's validation split.",
+    help="The local listing is PixMo-Cap's train listing: take Molmo's validation split "
+    "(always done for pixmo-cap).",
+)
+@click.option(
+    "--available",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The train rows Molmo had (image URLs or row indices, one per line; or .jsonl / "
+    ".parquet with image_url): Molmo's split is taken over these, as Molmo did.",
+)
+@click.option(
+    "--match-captions",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="A folder of the authors' lens result files: take their exact images, found by "
+    "each image's ground_truth_caption among PixMo-Cap's train rows.",
+)
+@click.option(
+    "--pixmo-revision",
+    default=None,
+    help="Revision of allenai/pixmo-cap [default: pinned, the last commit that changed its data].",
 )
 @click.option(
     "--image-cache",
     default=None,
     type=click.Path(file_okay=False),
-    help="Cache of the listing and fetched images [default: ~/.cache/latentlens/pixmo-cap].",
+    help="Cache of fetched images [default: ~/.cache/latentlens/pixmo-cap]; PixMo-Cap's "
+    "parquet files live in the Hugging Face cache (HF_HUB_CACHE).",
 )
 @click.option("--retry-failed", is_flag=True, help="Try again images that failed to load before.")
 @click.option(
@@ -279,6 +300,9 @@ def lenses(
     source: str | None,
     num_images: int | None,
     molmo_split: bool,
+    available: str | None,
+    match_captions: str | None,
+    pixmo_revision: str | None,
     image_cache: str | None,
     retry_failed: bool,
     layers: str | None,
@@ -290,9 +314,9 @@ def lenses(
 ) -> None:
     """Step 3: the three lenses at every layer of each model, over N evaluation images."""
     from latentlens import distributed as D
-    from reproduce.data.pixmo import ImageSourceError
+    from reproduce.data.pixmo import PIXMO_CAP_REVISION, ImageSourceError
     from reproduce.judge.names import LENSES
-    from reproduce.steps.lenses import PIXMO_SOURCE, images_for_run, run_model
+    from reproduce.steps.lenses import PIXMO_SOURCE, ImageSource, images_for_run, run_model
 
     D.init_from_env()  # under torchrun the images are split across the ranks
     layout, names = _setup(out, tiny, models)
@@ -307,10 +331,15 @@ def lenses(
             try:
                 records = images_for_run(
                     layout,
-                    source or PIXMO_SOURCE,
+                    ImageSource(
+                        source or PIXMO_SOURCE,
+                        split=molmo_split or available is not None,
+                        available=available,
+                        match_captions=match_captions,
+                        revision=pixmo_revision or PIXMO_CAP_REVISION,
+                    ),
                     n,
                     cache_dir=image_cache,
-                    split=molmo_split,
                     retry_failed=retry_failed,
                 )
             except ImageSourceError as e:

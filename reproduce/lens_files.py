@@ -571,3 +571,22 @@ def load_lens_layer(path: str | Path, layer: int | None = None) -> LensLayer:
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     return parse_lens_layer(data, layer, path)
+
+
+def lens_captions(results_dir: str | Path) -> dict[int, str]:
+    """``image_idx → ground_truth_caption`` of a folder of lens result files (any lens).
+
+    Read from the smallest layer file: every layer of a run holds the same images.
+
+    Raises:
+        ValueError: no lens file, or no image with a caption in it.
+    """
+    files = find_layer_files(results_dir)
+    if not files:
+        raise ValueError(f"no lens result files (*layer<N>*.json) in {results_dir}")
+    layer, path = min(files.items(), key=lambda kv: kv[1].stat().st_size)
+    captions = {im.image_idx: im.caption for im in load_lens_layer(path, layer).images}
+    captions = {i: c for i, c in captions.items() if c.strip()}
+    if not captions:
+        raise ValueError(f"{path} records no ground_truth_caption")
+    return captions

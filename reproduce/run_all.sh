@@ -23,12 +23,14 @@ Flags passed to the steps that take them (see reproduce/stepN_*.sh --help):
   step 1   --base --no-public-bank --cache-dir DIR --bank-layers LIST
   step 2   --corpus FILE --banks LIST --qwen2vl-bank public|build --bank-layers LIST --cap N
            --bank-batch-size N --device DEV --model-dtype DT
-  step 3   --images SRC --num-images N --molmo-split --image-cache DIR --retry-failed
+  step 3   --images SRC --num-images N --molmo-split --available FILE --match-captions DIR
+           --pixmo-revision REV --image-cache DIR --retry-failed
            --layers LIST --lenses LIST --top-k K --batch-size N --device DEV --model-dtype DT
-  step 4   --base-url URL --judge-model M --api-key-env VAR --fake-judge --lenses LIST
-           --patches-per-layer N --seed S --concurrency N --max-retries N --timeout S
-           --backoff S --reasoning-effort E --temperature T --max-completion-tokens N
-           --image-detail D --strict
+  step 4   --base-url URL --api chat|responses --judge-model M --api-key-env VAR --fake-judge
+           --lenses LIST --patches-per-layer N --seed S --seeding per-layer|once
+           --concurrency N --max-retries N --timeout S --backoff S --reasoning-effort E
+           --verbosity V --temperature T --max-completion-tokens N --image-detail D
+           --price IN,OUT --strict --dry-run
   step 5   --dpi N
 
 Examples:
@@ -48,7 +50,7 @@ while (($#)); do
     --force) COMMON+=("$1"); shift; continue ;;
     --base|--no-public-bank) S1+=("$1"); shift; continue ;;
     --molmo-split|--retry-failed) S3+=("$1"); shift; continue ;;
-    --fake-judge|--strict) S4+=("$1"); shift; continue ;;
+    --fake-judge|--strict|--dry-run) S4+=("$1"); shift; continue ;;
   esac
   v=${2-}
   case "$1" in
@@ -58,11 +60,12 @@ while (($#)); do
     --bank-layers) S1+=("$1" "$v"); S2+=("$1" "$v") ;;
     --corpus|--banks|--qwen2vl-bank|--cap|--bank-batch-size) S2+=("$1" "$v") ;;
     --device|--model-dtype) S2+=("$1" "$v"); S3+=("$1" "$v") ;;
-    --images|--num-images|--image-cache|--layers|--top-k|--batch-size) S3+=("$1" "$v") ;;
+    --images|--num-images|--image-cache|--layers|--top-k|--batch-size|--available|\
+    --match-captions|--pixmo-revision) S3+=("$1" "$v") ;;
     --lenses) S3+=("$1" "$v"); S4+=("$1" "$v") ;;
-    --base-url|--judge-model|--api-key-env|--patches-per-layer|--seed|--concurrency|\
-    --max-retries|--timeout|--backoff|--reasoning-effort|--temperature|\
-    --max-completion-tokens|--image-detail) S4+=("$1" "$v") ;;
+    --base-url|--api|--judge-model|--api-key-env|--patches-per-layer|--seed|--seeding|\
+    --concurrency|--max-retries|--timeout|--backoff|--reasoning-effort|--verbosity|\
+    --temperature|--max-completion-tokens|--image-detail|--price) S4+=("$1" "$v") ;;
     --dpi) S5+=("$1" "$v") ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac

@@ -1,17 +1,26 @@
-"""The evaluation images: PixMo-Cap validation from the Hub, or a local JSONL / parquet / folder.
+"""The evaluation images: PixMo-Cap validation from its parquet files, or a local listing.
 
 SPEC §7 takes PixMo-Cap validation images in index order. The Hub dataset
-(``allenai/pixmo-cap``) has one ``train`` split of (``image_url``, ``caption``) rows;
-Molmo's validation split is ``train_test_split(test_size=2048, seed=96817)`` of it, i.e.
-validation row ``i`` is train row ``permutation[i]`` of ``numpy.random.default_rng(96817)``.
-We apply that recipe to the full listing. (Molmo split the rows whose images it could
-download at the time; URLs have died since, so the split cannot be recovered exactly.)
+(``allenai/pixmo-cap``) has one ``train`` split of (``image_url``, ``caption``) rows, in
+four parquet files. Molmo dropped the rows whose image failed to download, THEN took
+``train_test_split(test_size=2048, seed=96817)``: validation row ``i`` is row
+``numpy.random.default_rng(96817).permutation(n)[i]`` of the *filtered* rows. Which
+rows survived is not published, so:
 
-The listing is read without extra dependencies through the Hub's dataset-viewer API (one
-small request per row, cached as JSONL), or from a local file. Images are fetched with
-urllib into a content-addressed cache, checked by decoding them, and linked into the
-run's image folder as ``00012.jpg`` (the name the judge looks for). Images that fail are
-skipped and logged; the next index is taken until ``n`` images are in.
+- given the listing of the rows Molmo had (``available``: their URLs or train-row
+  indices), :func:`molmo_split` recomputes the split exactly;
+- given the authors' lens result files, :func:`match_captions` recovers their exact
+  validation images by each image's ``ground_truth_caption``;
+- otherwise the split of the unfiltered rows is an approximation (it shares only ~130 of
+  2,048 rows with the authors'), and a warning says so.
+
+The parquet files come through ``huggingface_hub`` at a pinned revision (resumable,
+cached, offline from the cache with ``HF_HUB_OFFLINE=1``) and are read with ``pyarrow``
+(the ``pixmo`` extra). Local ``.jsonl`` / ``.parquet`` listings and image folders work
+too. Images are fetched with urllib into a content-addressed cache, checked by decoding
+them, and linked into the run's image folder as ``00012.jpg`` (the name the judge looks
+for). Images that fail are skipped and logged; the next index is taken until ``n``
+images are in.
 """
 
 from __future__ import annotations
@@ -21,12 +30,12 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +49,11 @@ from latentlens.errors import LatentLensError
 logger = logging.getLogger(__name__)
 
 PIXMO_CAP = "allenai/pixmo-cap"
+# the last commit that changed data/ (four train shards); later ones touch the README only
+PIXMO_CAP_REVISION = "fd3f09ba9ed0058f23b55109ad3d6d0f214a6f1e"
+PIXMO_PARQUET_GLOB = "data/train-*.parquet"
 MOLMO_VAL_SIZE = 2048
 MOLMO_SPLIT_SEED = 96817
-DATASET_VIEWER = "https://datasets-server.huggingface.co"
-VIEWER_ENV = "LATENTLENS_DATASET_VIEWER"
 MANIFEST = "manifest.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_IMAGE_BYTES = 64 * 2**20
@@ -141,14 +151,7 @@ def _resolve_local(row: ImageRow, base: Path) -> ImageRow:
 
 
 def _parquet_rows(path: Path) -> list[ImageRow]:
-    try:
-        import pyarrow.parquet as pq  # pyright: ignore[reportMissingImports]  # optional
-    except ImportError as e:
-        raise ImageSourceError(
-            f"reading {path} needs pyarrow (pip install pyarrow), or convert it to JSONL"
-        ) from e
-    table = pq.read_table(path)
-    return [_row_from_dict(obj, i) for i, obj in enumerate(table.to_pylist())]
+    return [_row_from_dict(obj, i) for i, obj in enumerate(_parquet_table(path).to_pylist())]
 
 
 def _folder_rows(folder: Path) -> list[ImageRow]:
@@ -177,118 +180,178 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-class HubListing:
-    """PixMo-Cap's validation rows through the Hub's dataset-viewer API, cached as JSONL.
+def _parquet_table(path: Path, columns: Sequence[str] | None = None) -> Any:
+    try:
+        import pyarrow.parquet as pq  # pyright: ignore[reportMissingImports]  # optional
+    except ImportError:
+        raise ImageSourceError(
+            f'reading {path} needs pyarrow: pip install -e ".[pixmo]" (or convert it to JSONL)'
+        ) from None
+    try:
+        return pq.read_table(path, columns=list(columns) if columns else None)
+    except (OSError, ValueError, KeyError) as e:  # pyarrow's errors derive from these
+        raise ImageSourceError(f"{path}: not a readable parquet file with {columns}: {e}") from e
 
-    Validation row ``i`` is train row ``molmo_validation_order(n)[i]``. Each train row is
-    fetched once (``/rows?offset=…&length=1``) and appended to ``<cache>/listing.jsonl``;
-    offline (``HF_HUB_OFFLINE=1``) only the cache is read.
+
+def pixmo_parquet_files(
+    *,
+    revision: str = PIXMO_CAP_REVISION,
+    hub_cache: str | os.PathLike[str] | None = None,
+    offline: bool | None = None,
+    token: str | bool | None = None,
+) -> list[Path]:
+    """PixMo-Cap's own parquet files at ``revision``, downloaded (resumably) when missing.
 
     Args:
-        cache_dir: where ``listing.jsonl`` lives.
-        dataset: the Hub dataset (train split, ``default`` config).
-        endpoint: the dataset-viewer root (env ``LATENTLENS_DATASET_VIEWER`` overrides).
-        timeout: seconds per request.
+        revision: a commit of ``allenai/pixmo-cap`` (default: pinned) or a branch.
+        hub_cache: the Hugging Face cache (default ``HF_HUB_CACHE``).
+        offline: read the cache only (default: ``HF_HUB_OFFLINE`` is set).
+        token: a Hub token (default: the logged-in one, if any).
+
+    Returns:
+        The train split's files, in row order (``data/train-00000-of-0000N.parquet``, …).
+
+    Raises:
+        ImageSourceError: not in the cache while offline, or the download failed.
     """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    def __init__(
-        self,
-        cache_dir: str | os.PathLike[str],
-        *,
-        dataset: str = PIXMO_CAP,
-        endpoint: str | None = None,
-        timeout: float = 30.0,
-        retries: int = 3,
-    ) -> None:
-        self.cache = Path(cache_dir)
-        self.dataset = dataset
-        self.endpoint = (endpoint or os.environ.get(VIEWER_ENV) or DATASET_VIEWER).rstrip("/")
-        self.timeout = timeout
-        self.retries = retries
-        self.path = self.cache / "listing.jsonl"
-        self._rows: dict[int, dict[str, Any]] = {}
-        self._n_rows: int | None = None
-        self._load()
-
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
-            if "num_rows" in obj:
-                self._n_rows = int(obj["num_rows"])
-            elif "row_idx" in obj:
-                self._rows[int(obj["row_idx"])] = obj
-
-    def _append(self, obj: dict[str, Any]) -> None:
-        self.cache.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-
-    def _get(self, route: str, **params: Any) -> Any:
-        if _offline():
-            raise ImageSourceError(
-                f"the PixMo-Cap listing is not cached in {self.path} and HF_HUB_OFFLINE is set"
-            )
-        url = f"{self.endpoint}/{route}?" + urllib.parse.urlencode(
-            {"dataset": self.dataset, **params}
+    offline = _offline() if offline is None else offline
+    kwargs: dict[str, Any] = dict(
+        repo_type="dataset",
+        revision=revision,
+        cache_dir=hub_cache,
+        allow_patterns=[PIXMO_PARQUET_GLOB],
+        token=token,
+    )
+    folder = None
+    if re.fullmatch(r"[0-9a-f]{40}", revision):  # a commit never changes: the cache is enough
+        try:
+            folder = snapshot_download(PIXMO_CAP, local_files_only=True, **kwargs)
+        except LocalEntryNotFoundError:
+            folder = None
+        if folder is not None and not any(Path(folder).glob(PIXMO_PARQUET_GLOB)):
+            folder = None
+    try:
+        if folder is None:
+            folder = snapshot_download(PIXMO_CAP, local_files_only=offline, **kwargs)
+    except LocalEntryNotFoundError as e:
+        where = f" {hub_cache}" if hub_cache else ""
+        raise ImageSourceError(
+            f"PixMo-Cap's parquet files at revision {revision} are not in the Hub cache{where} "
+            f"and the Hub cannot be reached (HF_HUB_OFFLINE="
+            f"{os.environ.get('HF_HUB_OFFLINE', '')!r}): {e}"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ImageSourceError(f"downloading PixMo-Cap ({revision}) failed: {e}") from None
+    files = sorted(Path(folder).glob(PIXMO_PARQUET_GLOB))
+    if not files:
+        raise ImageSourceError(
+            f"no {PIXMO_PARQUET_GLOB} in {folder}: is {revision} a revision of {PIXMO_CAP}?"
         )
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                last = e
-                if isinstance(e, urllib.error.HTTPError) and e.code not in (429, 500, 502, 503):
-                    break
-                time.sleep(min(2.0**attempt, 30.0))
-        raise ImageSourceError(f"dataset viewer request {url} failed: {last}")
-
-    def num_rows(self) -> int:
-        """Rows of the train split (asked once, then cached)."""
-        if self._n_rows is None:
-            info = self._get("size")
-            splits = info.get("size", {}).get("splits", [])
-            train = [s for s in splits if s.get("split") == "train"]
-            if not train:
-                raise ImageSourceError(f"{self.dataset}: the viewer reports no train split")
-            self._n_rows = int(train[0]["num_rows"])
-            self._append({"num_rows": self._n_rows})
-        return self._n_rows
-
-    def train_row(self, row_idx: int) -> dict[str, Any]:
-        """``{"row_idx", "image_url", "caption"}`` of one train row."""
-        if row_idx not in self._rows:
-            data = self._get("rows", config="default", split="train", offset=row_idx, length=1)
-            rows = data.get("rows", [])
-            if not rows:
-                raise ImageSourceError(f"{self.dataset}: no train row {row_idx}")
-            row = rows[0].get("row", {})
-            obj = {
-                "row_idx": row_idx,
-                "image_url": str(row.get("image_url", "")),
-                "caption": str(row.get("caption", "")),
-            }
-            self._rows[row_idx] = obj
-            self._append(obj)
-        return self._rows[row_idx]
-
-    def rows(self) -> Iterator[ImageRow]:
-        """Validation rows in index order (fetched lazily)."""
-        for i, row_idx in enumerate(molmo_validation_order(self.num_rows())):
-            row = self.train_row(row_idx)
-            yield ImageRow(i, row["image_url"], row["caption"])
+    return files
 
 
-def molmo_split(rows: Sequence[ImageRow]) -> list[ImageRow]:
-    """Molmo's validation split of a full PixMo-Cap train listing, re-indexed 0..2047."""
+def read_pixmo_rows(files: Sequence[str | os.PathLike[str]]) -> list[ImageRow]:
+    """The train rows of PixMo-Cap parquet files, in file order: index = train row."""
+    rows: list[ImageRow] = []
+    for f in files:
+        table = _parquet_table(Path(f), ["image_url", "caption"])
+        urls = table.column("image_url").to_pylist()
+        caps = table.column("caption").to_pylist()
+        start = len(rows)
+        rows.extend(
+            ImageRow(start + i, str(u or ""), str(c or ""))
+            for i, (u, c) in enumerate(zip(urls, caps, strict=True))
+        )
+    return rows
+
+
+def read_available(path: str | os.PathLike[str]) -> set[str] | set[int]:
+    """The train rows Molmo had: image URLs or train-row indices.
+
+    ``.txt``: one per line (all numbers: indices); ``.jsonl`` or ``.parquet``: an
+    ``image_url`` column (or ``index``).
+
+    Raises:
+        ImageSourceError: missing, empty or unreadable.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ImageSourceError(f"listing of available rows {p} does not exist")
+    lines = [] if p.suffix == ".parquet" else p.read_text(encoding="utf-8").splitlines()
+    if p.suffix == ".parquet":
+        objs: list[Any] = _parquet_table(p).to_pylist()
+    elif p.suffix == ".jsonl":
+        try:
+            objs = [json.loads(line) for line in lines if line.strip()]
+        except ValueError as e:
+            raise ImageSourceError(f"{p}: {e}") from e
+    else:
+        objs = [line.strip() for line in lines if line.strip()]
+    values = [
+        next((o[k] for k in ("image_url", "url", "index") if o.get(k) is not None), None)
+        if isinstance(o, dict)
+        else o
+        for o in objs
+    ]
+    if not values or any(v is None or v == "" for v in values):
+        raise ImageSourceError(f"{p}: expected one image URL or train-row index per row")
+    if all(isinstance(v, int) or (isinstance(v, str) and v.isdigit()) for v in values):
+        return {int(v) for v in values}
+    return {str(v) for v in values}
+
+
+def molmo_split(
+    rows: Sequence[ImageRow], available: set[str] | set[int] | None = None
+) -> list[ImageRow]:
+    """Molmo's validation split of PixMo-Cap's train rows, re-indexed 0..2047.
+
+    ``available`` (URLs or train-row indices, see :func:`read_available`) keeps only the
+    rows Molmo could download, before the split, as Molmo did.
+    """
+    if available is not None:
+        by_index = bool(available) and isinstance(next(iter(available)), int)
+        rows = [r for r in rows if (r.index if by_index else r.source) in available]
+        if not rows:
+            raise ImageSourceError("no train row is in the listing of available rows")
     order = molmo_validation_order(len(rows))
     return [ImageRow(i, rows[j].source, rows[j].caption) for i, j in enumerate(order)]
+
+
+def match_captions(rows: Sequence[ImageRow], captions: Mapping[int, str]) -> list[ImageRow]:
+    """The images whose ``ground_truth_caption`` the authors' lens files record.
+
+    Args:
+        rows: PixMo-Cap's train rows.
+        captions: ``image_idx → ground_truth_caption`` of the authors' files.
+
+    Returns:
+        One row per ``image_idx``, in index order, with the train row's URL and caption.
+
+    Raises:
+        ImageSourceError: a caption matches no train row, or rows with different images.
+    """
+    by_caption: dict[str, set[str]] = {}
+    for r in rows:
+        by_caption.setdefault(r.caption.strip(), set()).add(r.source)
+    out, missing, ambiguous = [], [], []
+    for idx in sorted(captions):
+        urls = by_caption.get(captions[idx].strip(), set())
+        if len(urls) == 1:
+            out.append(ImageRow(idx, next(iter(urls)), captions[idx]))
+        elif urls:
+            ambiguous.append(idx)
+        else:
+            missing.append(idx)
+    if missing or ambiguous:
+        raise ImageSourceError(
+            f"{len(missing)} image caption(s) match no PixMo-Cap train row (image_idx "
+            f"{missing[:10]}) and {len(ambiguous)} match rows with different images "
+            f"({ambiguous[:10]}): are these lens files from PixMo-Cap?"
+        )
+    return out
 
 
 # ── fetching ────────────────────────────────────────────────────────────────────────────
@@ -378,7 +441,7 @@ def prepare_images(
     Each image lands in ``images_dir`` as ``<index:05d>.jpg`` (or ``.png``). A URL goes
     through the cache (and is hard-linked from it); a local file is checked and copied.
     Failures are logged, listed in the manifest under ``failed`` and skipped; a later call
-    does not try them again unless ``retry_failed`` (so the selection stays the same from run to run).
+    does not try them again unless ``retry_failed`` (the selection stays the same).
 
     Args:
         rows: the listing, in index order (may be lazy).

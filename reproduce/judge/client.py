@@ -355,9 +355,7 @@ class JudgeClient:
         self._openai = _load_openai()
         self._tally = _Tally()
         host = urllib.parse.urlsplit(config.base_url).hostname or ""
-        http_client, self._stopped = _make_transport(
-            self._openai, self._tally, host in _LOOPBACK
-        )
+        http_client, self._stopped = _make_transport(self._openai, self._tally, host in _LOOPBACK)
         self._sdk = self._openai.OpenAI(
             api_key=config.api_key or _NO_KEY,
             base_url=config.base_url,

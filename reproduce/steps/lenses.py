@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -30,13 +31,18 @@ from latentlens.vlm import (
 from molmo.config import default_query_layers, get_config
 from molmo.model import VisualStates
 from reproduce.data.pixmo import (
-    HubListing,
+    PIXMO_CAP_REVISION,
     ImageRecord,
     ImageRow,
+    ImageSourceError,
+    match_captions,
     molmo_split,
+    pixmo_parquet_files,
     prepare_images,
+    read_available,
     read_listing,
     read_manifest,
+    read_pixmo_rows,
 )
 from reproduce.data.tiny import LAYERS, load_tiny_molmo, read_tiny
 from reproduce.judge.names import LENSES, QWEN2VL
@@ -54,6 +60,7 @@ from reproduce.layout import (
 from reproduce.lens_files import (
     embeddinglens_filename,
     latentlens_filename,
+    lens_captions,
     logitlens_filename,
     run_lenses,
 )
@@ -141,15 +148,66 @@ class VLMSubject:
 # ── images ──────────────────────────────────────────────────────────────────────────────
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """Where step 3's images come from.
+
+    Attributes:
+        name: ``pixmo-cap`` (its parquet files on the Hub), or a local ``.jsonl`` /
+            ``.parquet`` listing or image folder.
+        split: apply Molmo's validation split to the listing (always for ``pixmo-cap``).
+        available: a listing of the train rows Molmo had (URLs or row indices): the split
+            is taken over those rows, as Molmo did.
+        match_captions: a folder of the authors' lens files: their exact images, found by
+            ``ground_truth_caption`` among the train rows.
+        revision: the ``pixmo-cap`` revision.
+    """
+
+    name: str = PIXMO_SOURCE
+    split: bool = False
+    available: str | None = None
+    match_captions: str | None = None
+    revision: str = PIXMO_CAP_REVISION
+
+    def describe(self) -> str:
+        """The name recorded in the image manifest: a change of any setting clears the images."""
+        parts = [self.name]
+        if self.name == PIXMO_SOURCE:
+            parts.append(f"@{self.revision[:12]}")
+        if self.match_captions:
+            parts.append(f" (captions of {Path(self.match_captions).resolve()})")
+        elif self.split or self.name == PIXMO_SOURCE:
+            parts.append(" (molmo split")
+            if self.available:
+                parts.append(f" of {Path(self.available).resolve()}")
+            parts.append(")")
+        return "".join(parts)
+
+
 def image_rows(
-    source: str, *, cache_dir: str | os.PathLike[str], split: bool = False
-) -> Iterable[ImageRow]:
-    """The listing of an image source: ``pixmo-cap`` (the Hub) or a local JSONL / parquet /
-    folder; ``split`` applies Molmo's validation split to a full local PixMo-Cap listing."""
-    if source == PIXMO_SOURCE:
-        return HubListing(Path(cache_dir)).rows()
-    rows: list[ImageRow] = read_listing(source)
-    return molmo_split(rows) if split else rows
+    source: ImageSource, *, hub_cache: str | os.PathLike[str] | None = None
+) -> list[ImageRow]:
+    """The listing of an image source, in index order (see :class:`ImageSource`)."""
+    if source.name == PIXMO_SOURCE:
+        rows = read_pixmo_rows(pixmo_parquet_files(revision=source.revision, hub_cache=hub_cache))
+    else:
+        rows = read_listing(source.name)
+    if source.match_captions:
+        try:
+            captions = lens_captions(source.match_captions)
+        except (OSError, ValueError) as e:
+            raise ImageSourceError(f"--match-captions: {e}") from e
+        return match_captions(rows, captions)
+    if source.name != PIXMO_SOURCE and not source.split:
+        return rows
+    if source.available is None:
+        logger.warning(
+            "Molmo's split of every train row is not the authors' (Molmo dropped the rows "
+            "whose image failed to download first): pass --available with the rows Molmo "
+            "had, or --match-captions with the authors' lens files, for their exact images"
+        )
+    available = read_available(source.available) if source.available else None
+    return molmo_split(rows, available)
 
 
 def default_image_cache() -> Path:
@@ -160,19 +218,22 @@ def default_image_cache() -> Path:
 
 def images_for_run(
     layout: Layout,
-    source: str,
+    source: str | ImageSource,
     n: int,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
-    split: bool = False,
+    hub_cache: str | os.PathLike[str] | None = None,
     retry_failed: bool = False,
     timeout: float = 20.0,
 ) -> list[ImageRecord]:
     """The run's first ``n`` loadable images of ``source``, reusing a matching manifest.
 
-    Images of another source are cleared first.
+    Images of another source are cleared first. ``cache_dir`` holds fetched images;
+    ``hub_cache`` the Hugging Face cache (default ``HF_HUB_CACHE``).
     """
-    name = f"{source}{' (molmo split)' if split else ''}"
+    if isinstance(source, str):
+        source = ImageSource(source)
+    name = source.describe()
     manifest = read_json_or_none(layout.images / "manifest.json")
     if isinstance(manifest, dict) and manifest.get("source") == name and not retry_failed:
         records = read_manifest(layout.images)
@@ -184,7 +245,7 @@ def images_for_run(
             if f.is_file() and f.stem.isdigit():
                 f.unlink()
     cache = Path(cache_dir) if cache_dir is not None else default_image_cache()
-    rows = image_rows(source, cache_dir=cache, split=split)
+    rows = image_rows(source, hub_cache=hub_cache)
     return prepare_images(
         rows,
         layout.images,

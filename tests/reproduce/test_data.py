@@ -16,16 +16,22 @@ import torch
 from PIL import Image
 
 from reproduce.data.pixmo import (
-    HubListing,
+    PIXMO_CAP_REVISION,
     ImageRow,
     ImageSourceError,
+    match_captions,
     molmo_split,
     molmo_validation_order,
+    pixmo_parquet_files,
     prepare_images,
+    read_available,
     read_listing,
     read_manifest,
+    read_pixmo_rows,
 )
 from reproduce.layout import Layout, bank_name, parse_models, run_folder
+from reproduce.lens_files import lens_captions
+from reproduce.steps.lenses import ImageSource, images_for_run
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (20, 16), fmt: str = "PNG") -> bytes:
@@ -175,43 +181,125 @@ def test_prepare_images_from_a_local_folder_keeps_bytes(tmp_path: Path):
     assert Path(records[0].path).read_bytes() == data
 
 
-def _viewer(n_rows: int):
-    """A stand-in for the Hub's dataset-viewer API: /size and /rows of a train split."""
-
-    def handler(path: str) -> tuple[int, bytes]:
-        url = urllib.parse.urlparse(path)
-        q = dict(urllib.parse.parse_qsl(url.query))
-        assert q["dataset"] == "allenai/pixmo-cap"
-        if url.path == "/size":
-            body = {"size": {"splits": [{"split": "train", "num_rows": n_rows}]}}
-        elif url.path == "/rows":
-            off = int(q["offset"])
-            row = {"image_url": f"http://img/{off}.jpg", "caption": f"caption {off}"}
-            body = {"rows": [{"row_idx": off, "row": row, "truncated_cells": []}]}
-        else:
-            return 404, b"{}"
-        return 200, json.dumps(body).encode()
-
-    return handler
+N_TRAIN = 3000
 
 
-def test_hub_listing_follows_the_molmo_split_and_works_offline_from_its_cache(
-    tmp_path: Path, online, monkeypatch
-):
-    with _Server(handler=_viewer(300)) as server:
-        listing = HubListing(tmp_path / "cache", endpoint=server.url)
-        rows = [r for _, r in zip(range(4), listing.rows())]
-        order = molmo_validation_order(300)
-        assert [r.index for r in rows] == [0, 1, 2, 3]
-        assert [r.source for r in rows] == [f"http://img/{j}.jpg" for j in order[:4]]
-        assert rows[0].caption == f"caption {order[0]}"
-        n_hits = sum(server.hits.values())
-        assert n_hits == 5  # one /size, one /rows per row
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cached = HubListing(tmp_path / "cache", endpoint="http://127.0.0.1:9")
-    assert [r for _, r in zip(range(4), cached.rows())] == rows
-    with pytest.raises(ImageSourceError, match="HF_HUB_OFFLINE"):
-        list(zip(range(5), cached.rows()))
+def pixmo_hub_cache(
+    root: Path, revision: str = PIXMO_CAP_REVISION, shards: int = 3, url: str = "http://img"
+) -> Path:
+    """PixMo-Cap's parquet files, N_TRAIN rows in ``shards`` files, in the Hub-cache layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = root / "datasets--allenai--pixmo-cap"
+    data = repo / "snapshots" / revision / "data"
+    data.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    bounds = np.linspace(0, N_TRAIN, shards + 1).astype(int)
+    for k in range(shards):
+        rows = range(bounds[k], bounds[k + 1])
+        table = pa.table(
+            {
+                "image_url": [f"{url}/{j}.jpg" for j in rows],
+                "caption": [f"caption {j}" for j in rows],
+                "transcripts": [[f"t{j}"] for j in rows],
+            }
+        )
+        pq.write_table(table, data / f"train-{k:05d}-of-{shards:05d}.parquet")
+    return root
+
+
+def test_pixmo_parquet_from_the_hub_cache_offline_and_molmo_split_on_a_listing(tmp_path: Path):
+    hub = pixmo_hub_cache(tmp_path / "hub")
+    files = pixmo_parquet_files(hub_cache=hub, offline=True)
+    assert [f.name for f in files] == [f"train-{k:05d}-of-00003.parquet" for k in range(3)]
+    rows = read_pixmo_rows(files)
+    assert len(rows) == N_TRAIN and rows[1234] == ImageRow(
+        1234, "http://img/1234.jpg", "caption 1234"
+    )
+    # a pinned commit in the cache is enough even when HF_HUB_OFFLINE is not set
+    assert pixmo_parquet_files(hub_cache=hub, offline=False) == files
+    with pytest.raises(ImageSourceError, match="not in the Hub cache"):
+        pixmo_parquet_files(hub_cache=hub, revision="0" * 40, offline=True)
+
+    # Molmo dropped the rows whose image failed, THEN split: here every 7th row failed
+    kept = [r for r in rows if r.index % 7]
+    perm = np.random.default_rng(96817).permutation(len(kept))[:2048]
+    want = [kept[j].source for j in perm]
+    urls = tmp_path / "available.txt"
+    urls.write_text("\n".join(r.source for r in kept) + "\n")
+    indices = tmp_path / "available_idx.txt"
+    indices.write_text("\n".join(str(r.index) for r in kept))
+    for listing in (urls, indices):
+        split = molmo_split(rows, read_available(listing))
+        assert [r.index for r in split] == list(range(2048))
+        assert [r.source for r in split] == want
+    # the unfiltered split is another selection altogether
+    naive = [r.source for r in molmo_split(rows)]
+    assert len(set(naive) & set(want)) < 1800
+    with pytest.raises(ImageSourceError, match="does not exist"):
+        read_available(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ImageSourceError, match="one image URL"):
+        read_available(tmp_path / "empty.txt")
+
+
+def _authors_lens_dir(path: Path, captions: list[str]) -> Path:
+    path.mkdir(parents=True)
+    results = [
+        {
+            "image_idx": i,
+            "ground_truth_caption": c,
+            "chunks": [
+                {
+                    "chunk_name": "Full Image",
+                    "patches": [
+                        {"patch_idx": 0, "patch_row": 0, "patch_col": 0, "top_predictions": []}
+                    ],
+                }
+            ],
+        }
+        for i, c in enumerate(captions)
+    ]
+    for layer in (0, 8):
+        doc = {"layer_idx": layer, "top_k": 5, "results": results}
+        (path / f"logit_lens_layer{layer}_topk5_multi-gpu.json").write_text(json.dumps(doc))
+    return path
+
+
+def test_match_captions_recovers_the_authors_images(tmp_path: Path):
+    rows = read_pixmo_rows(
+        pixmo_parquet_files(hub_cache=pixmo_hub_cache(tmp_path / "hub"), offline=True)
+    )
+    theirs = [2999, 17, 1500, 4]  # the authors' validation images, by train row
+    lens_dir = _authors_lens_dir(tmp_path / "theirs", [f"caption {j}" for j in theirs])
+    matched = match_captions(rows, lens_captions(lens_dir))
+    assert [(r.index, r.source) for r in matched] == [
+        (i, f"http://img/{j}.jpg") for i, j in enumerate(theirs)
+    ]
+    bad = _authors_lens_dir(tmp_path / "bad", ["caption 3", "no such caption"])
+    with pytest.raises(ImageSourceError, match="match no PixMo-Cap train row"):
+        match_captions(rows, lens_captions(bad))
+    twice = rows + [ImageRow(N_TRAIN, "http://img/other.jpg", "caption 3")]
+    with pytest.raises(ImageSourceError, match="different images"):
+        match_captions(twice, {0: "caption 3"})
+
+
+def test_step3_images_come_from_the_parquet_listing(tmp_path: Path, online):
+    layout = Layout(tmp_path / "run")
+    with _Server(handler=lambda path: (200, _png((int(path[1:-4]) % 256, 0, 0)))) as server:
+        hub = pixmo_hub_cache(tmp_path / "hub", url=server.url)
+        split = molmo_split(read_pixmo_rows(pixmo_parquet_files(hub_cache=hub, offline=True)))
+        records = images_for_run(
+            layout, ImageSource("pixmo-cap"), 3, cache_dir=tmp_path / "imgcache", hub_cache=hub
+        )
+        assert sorted(server.hits) == sorted(
+            urllib.parse.urlsplit(r.source).path for r in split[:3]
+        )
+    assert [(r.index, r.caption) for r in records] == [(i, split[i].caption) for i in range(3)]
+    manifest = json.loads((layout.images / "manifest.json").read_text())
+    assert manifest["source"] == "pixmo-cap@fd3f09ba9ed0 (molmo split)"
 
 
 # ---------------------------------------------------------------- layout, step 1

@@ -360,3 +360,22 @@ def test_scripts_have_help_and_reject_unknown_flags():
     assert proc.returncode == 2 and "unknown option --no-such-flag" in proc.stderr
     proc = subprocess.run(["bash", str(RUN_ALL), "--out"], capture_output=True, text=True)
     assert proc.returncode == 2 and "needs a value" in proc.stderr
+
+
+def test_run_all_lists_and_forwards_every_step_option_it_names():
+    """run_all.sh's usage names, per step, flags that the step's command really takes."""
+    from reproduce.__main__ import main as cli
+
+    usage = subprocess.run(
+        ["bash", str(RUN_ALL), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    blocks = re.findall(r"^  step (\d)(.*?)(?=^  step \d|^\S|\Z)", usage, re.M | re.S)
+    assert [n for n, _ in blocks] == ["1", "2", "3", "4", "5"]
+    commands = {"1": "download", "2": "extract", "3": "lenses", "4": "judge", "5": "aggregate"}
+    script = RUN_ALL.read_text()
+    for n, text in blocks:
+        command = cli.commands[commands[n]]
+        taken = {o for p in command.params for o in p.opts}
+        for flag in re.findall(r"--[a-z][a-z0-9-]*", text):
+            assert flag in taken, f"step {n} ({commands[n]}) takes no {flag}"
+            assert re.search(rf"[|( ]{flag}[|)]", script), f"run_all.sh does not forward {flag}"
