@@ -343,12 +343,33 @@ def _discover(model: nn.Module, base: Any) -> Any:
         discovered=True,
         notes=f"discovered from the module tree of {type(model).__name__}",
     )
+    fields.update(_multimodal_fields(model, config, text_path))
     if base is not None:
         spec = dataclasses.replace(base, **fields, text_config_attr=None)
     else:
         spec = ArchSpec(**fields)
     logger.info("discovered %s: %s", name, spec)
     return spec
+
+
+_IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
+
+
+def _multimodal_fields(model: nn.Module, config: Any, text_path: str) -> dict[str, Any]:
+    """For a VLM: the module to run (the deepest one above the text model that merges image
+    features into the embeddings, so no LM head runs) and its image-token key; else ``{}``."""
+    if getattr(config, "vision_config", None) is None:
+        return {}
+    token_key = next(
+        (k for k in _IMAGE_TOKEN_KEYS if isinstance(getattr(config, k, None), int)), None
+    )
+    parts = text_path.split(".") if text_path else []
+    for depth in range(len(parts) - 1, -1, -1):
+        path = ".".join(parts[:depth])
+        module = model.get_submodule(path) if path else model
+        if callable(getattr(module, "get_image_features", None)) and token_key is not None:
+            return {"inner_model_path": path, "is_vlm": True, "image_token_id_attr": token_key}
+    return {}
 
 
 def _verify(

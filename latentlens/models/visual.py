@@ -1,0 +1,126 @@
+"""Per-family facts about a VLM's visual tokens, as data (beside the LM registry).
+
+Each family names how its visual tokens are found and how they are laid out; the
+addresses themselves are computed in :mod:`latentlens.visual_layout`. Layouts:
+
+- ``grid_thw``: one run per image (or video) of ``t · (h/m) · (w/m)`` tokens, ordered
+  (temporal group, row, column) over the merged grid; ``(t, h, w)`` comes from the
+  processor's ``image_grid_thw`` / ``video_grid_thw``, ``m`` is the spatial merge size.
+  The processor resizes the whole image (no crop) to ``(h·p, w·p)`` pixels.
+- ``square``: one run per image of ``s²`` tokens, row-major over an ``s × s`` grid that
+  covers the encoder's square view (the processor's resize / centre crop).
+- ``row_break``: one run per image, row-major; each row ends in a break token and the
+  last in an end token (Pixtral); the processor reports the resized ``image_sizes``.
+- ``anyres``: LLaVA-NeXT's base image (an ``s × s`` grid of the squashed image, named
+  ``global``) then the high-resolution crops merged into one unpadded grid (``high-res``)
+  with an ``image_newline`` token after each of its rows.
+
+Every fact here was checked on transformers 5.24 against tiny models of the real classes
+(``tests/test_visual_layout.py``: perturbing one region's pixels moves the token we name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from latentlens.errors import UnsupportedArchitectureError
+
+Layout = Literal["grid_thw", "square", "row_break", "anyres"]
+
+
+@dataclass(frozen=True)
+class VisualFamily:
+    """How one VLM family places its visual tokens.
+
+    Attributes:
+        layout: see the module docstring.
+        image_token_attr: config key of the image placeholder token id.
+        video_token_attr: config key of the video placeholder token id (video families).
+        merge_size_attr: config key of the spatial merge factor (``grid_thw``, ``row_break``).
+        temporal_patch_attr: config key of the frames per temporal group (video).
+        tokens_per_image_attr: config key of the tokens per image (``square`` families whose
+            count is not the encoder's patch grid, e.g. Gemma 3's pooled 256).
+        patch_size_attr: config key of the encoder's patch size.
+        separators: processor attributes naming separator tokens (``row_break``), reported
+            and kept out of the patch grid.
+        video: whether the family takes videos through its processor.
+        notes: anything worth knowing.
+    """
+
+    layout: Layout
+    image_token_attr: str = "image_token_id"
+    video_token_attr: str | None = None
+    merge_size_attr: str | None = None
+    temporal_patch_attr: str | None = None
+    tokens_per_image_attr: str | None = None
+    patch_size_attr: str = "vision_config.patch_size"
+    separators: tuple[str, ...] = ()
+    video: bool = False
+    notes: str = ""
+
+
+_QWEN = VisualFamily(
+    layout="grid_thw",
+    video_token_attr="video_token_id",
+    merge_size_attr="vision_config.spatial_merge_size",
+    temporal_patch_attr="vision_config.temporal_patch_size",
+    video=True,
+)
+_LLAVA = VisualFamily(layout="square", image_token_attr="image_token_index")
+_ANYRES = VisualFamily(layout="anyres", image_token_attr="image_token_index")
+
+VISUAL_FAMILIES: dict[str, VisualFamily] = {
+    "qwen2_vl": _QWEN,
+    "qwen2_5_vl": _QWEN,
+    "qwen3_vl": dataclasses.replace(
+        _QWEN, notes="Videos: one vision_start/end run per temporal group, timestamps between."
+    ),
+    "qwen3_vl_moe": _QWEN,
+    "qwen3_5": _QWEN,
+    "qwen3_5_moe": _QWEN,
+    "glm4v": _QWEN,
+    "llava": _LLAVA,
+    "vipllava": _LLAVA,
+    "paligemma": dataclasses.replace(_LLAVA, notes="SigLIP: the image is squashed."),
+    "gemma3": dataclasses.replace(
+        _LLAVA,
+        tokens_per_image_attr="mm_tokens_per_image",
+        notes="The encoder's patches are average-pooled to mm_tokens_per_image (16 × 16).",
+    ),
+    "mistral3": VisualFamily(
+        layout="row_break",
+        image_token_attr="image_token_index",
+        merge_size_attr="spatial_merge_size",
+        separators=("image_break_token", "image_end_token"),
+        notes="Pixtral: [IMG_BREAK] after each row of merged patches, [IMG_END] after the last.",
+    ),
+    "llava_next": _ANYRES,
+    "llava_next_video": dataclasses.replace(
+        _ANYRES, notes="Images as LLaVA-NeXT; videos are not addressed yet."
+    ),
+    "llava_onevision": dataclasses.replace(
+        _ANYRES, notes="Images as LLaVA-NeXT (anyres_max); videos are not addressed yet."
+    ),
+}
+"""``config.model_type`` → :class:`VisualFamily`."""
+
+
+def visual_family(model_or_config: Any) -> tuple[str, VisualFamily]:
+    """The family name and facts of a VLM (a model or its config).
+
+    Raises:
+        UnsupportedArchitectureError: the family's visual-token geometry is not known.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    name = getattr(config, "model_type", type(model_or_config).__name__)
+    family = VISUAL_FAMILIES.get(name)
+    if family is None:
+        known = ", ".join(sorted(VISUAL_FAMILIES))
+        raise UnsupportedArchitectureError(
+            f"no visual-token geometry for the VLM family {name!r}: where its image tokens "
+            f"sit and which patch each one covers is not known (known: {known}); add a "
+            "VisualFamily to latentlens.models.visual.VISUAL_FAMILIES"
+        )
+    return name, family

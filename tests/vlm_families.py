@@ -1,0 +1,351 @@
+"""Tiny random VLMs of the real classes, each with a real processor built offline.
+
+`build(family)` returns a :class:`Subject`: the model, its processor and how to write a
+prompt with N images (or a video) in it. Sizes are tiny (hidden 32, 2 layers, patch 4)
+but the geometry is the family's own: the processors resize, crop, tile and expand the
+placeholder tokens exactly as they do for the released checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from tests.tiny import tiny_tokenizer
+
+_TEXT = dict(
+    vocab_size=160,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+_CLIP = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=16,
+    patch_size=4,
+    projection_dim=32,
+)
+# One layer: random attention spreads a local change over every patch; the geometry under
+# test (resize, crop, pooling, order) is the same with one layer as with 27.
+_SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    image_size=16,
+    patch_size=4,
+)
+
+
+@dataclass
+class Subject:
+    """A tiny VLM with its processor.
+
+    Attributes:
+        model: the VLM (eval mode, fp32).
+        processor: its processor.
+        prompt: ``n_images → text`` with the placeholders the processor expands.
+        video_prompt: ``text`` with one video placeholder, or ``None`` (no video).
+        kwargs: extra processor arguments.
+    """
+
+    family: str
+    model: Any
+    processor: Any
+    prompt: Callable[[int], str]
+    video_prompt: str | None = None
+    kwargs: dict[str, Any] | None = None
+
+
+def _tokenizer(tokens: list[str]) -> Any:
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": tokens})
+    return tok
+
+
+def _model(model_type: str, **kwargs: Any) -> Any:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # some projections start at zero (Gemma 3's): make them random too
+        for param in model.parameters():
+            if param.ndim >= 2 and not param.any():
+                param.normal_(0.0, 0.2)
+    return model
+
+
+def _ids(tok: Any, tokens: list[str]) -> list[int]:
+    return [int(i) for i in tok.convert_tokens_to_ids(tokens)]
+
+
+_QWEN_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+
+
+def _qwen(family: str) -> Subject:
+    from transformers import AutoProcessor  # noqa: F401  (the classes below are its own)
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    tok = _tokenizer(_QWEN_TOKENS)
+    image, video, start, end = _ids(tok, _QWEN_TOKENS)
+    vision: dict[str, Any] = dict(
+        depth=2,
+        hidden_size=32,
+        num_heads=4,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+    text = {
+        **_TEXT,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
+    }
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLProcessor as Proc
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
+            Qwen2VLVideoProcessor as Video,
+        )
+
+        vision.update(embed_dim=32, mlp_ratio=2)
+        ip = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+    elif family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor as Proc
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
+            Qwen2VLVideoProcessor as Video,
+        )
+
+        vision.update(
+            intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1]
+        )
+        ip = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+    else:  # qwen3_vl
+        from transformers import Qwen3VLProcessor as Proc
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+            Qwen3VLVideoProcessor as Video,
+        )
+
+        vision.update(
+            intermediate_size=64,
+            out_hidden_size=32,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        )
+        text["rope_parameters"]["mrope_section"] = [2, 1, 1]
+        ip = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+    sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    proc = Proc(image_processor=ip, tokenizer=tok, video_processor=Video(**sizes))
+    model = _model(
+        family,
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+    )
+    one = "<|vision_start|><|image_pad|><|vision_end|>"
+    return Subject(
+        family,
+        model,
+        proc,
+        lambda n: "".join(f"{one} picture {i}. " for i in range(n)) + "Describe.",
+        "<|vision_start|><|video_pad|><|vision_end|>Describe the video.",
+        {"videos_kwargs": {"do_sample_frames": False}},
+    )
+
+
+def _llava() -> Subject:
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tok = _tokenizer(["<image>"])
+    ip = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    model = _model(
+        "llava",
+        text_config={"model_type": "llama", **_TEXT},
+        vision_config=_CLIP,
+        image_token_index=_ids(tok, ["<image>"])[0],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return Subject("llava", model, proc, lambda n: "<image> " * n + "Describe.")
+
+
+BUILDERS: dict[str, Callable[[], Subject]] = {
+    "qwen2_vl": lambda: _qwen("qwen2_vl"),
+    "qwen2_5_vl": lambda: _qwen("qwen2_5_vl"),
+    "qwen3_vl": lambda: _qwen("qwen3_vl"),
+    "llava": _llava,
+}
+
+
+def build(family: str) -> Subject:
+    """The tiny subject of one family."""
+    return BUILDERS[family]()
+
+
+def _paligemma() -> Subject:
+    from transformers import PaliGemmaProcessor, SiglipImageProcessor
+
+    tok = _tokenizer(["<image>"])
+    ip = SiglipImageProcessor(size={"height": 16, "width": 16})
+    ip.image_seq_length = 16
+    proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+    model = _model(
+        "paligemma",
+        text_config={"model_type": "gemma", **_TEXT, "vocab_size": len(tok)},
+        vision_config={**_SIGLIP, "projection_dim": 32},
+        image_token_index=_ids(tok, ["<image>"])[0],
+        projection_dim=32,
+    )
+    return Subject("paligemma", model, proc, lambda n: "<image>" * n + "Describe.")
+
+
+def _gemma3() -> Subject:
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    tokens = ["<start_of_image>", "<image_soft_token>", "<end_of_image>"]
+    tok = _tokenizer(tokens)
+    boi, image, eoi = _ids(tok, tokens)
+    tok.boi_token, tok.image_token, tok.eoi_token = tokens
+    tok.boi_token_id, tok.image_token_id, tok.eoi_token_id = boi, image, eoi
+    ip = Gemma3ImageProcessor(size={"height": 32, "width": 32})
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4)
+    model = _model(
+        "gemma3",
+        text_config={"model_type": "gemma3_text", **_TEXT},
+        vision_config={**_SIGLIP, "image_size": 32},
+        image_token_index=image,
+        boi_token_index=boi,
+        eoi_token_index=eoi,
+        mm_tokens_per_image=4,
+    )
+    return Subject("gemma3", model, proc, lambda n: "<start_of_image> " * n + "Describe.")
+
+
+def _mistral3() -> Subject:
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    tokens = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tok = _tokenizer(tokens)
+    ip = PixtralImageProcessor(size={"longest_edge": 64}, patch_size=4)
+    proc = PixtralProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=4,
+        spatial_merge_size=2,
+        image_token="[IMG]",
+        image_break_token="[IMG_BREAK]",
+        image_end_token="[IMG_END]",
+    )
+    model = _model(
+        "mistral3",
+        text_config={"model_type": "mistral", **_TEXT},
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=4,
+            head_dim=8,
+        ),
+        image_token_index=_ids(tok, ["[IMG]"])[0],
+        spatial_merge_size=2,
+    )
+    return Subject("mistral3", model, proc, lambda n: "[IMG]" * n + "Describe.")
+
+
+_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+
+
+def _llava_next() -> Subject:
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    tok = _tokenizer(["<image>"])
+    ip = LlavaNextImageProcessor(
+        size={"shortest_edge": 16},
+        crop_size={"height": 16, "width": 16},
+        image_grid_pinpoints=_PINPOINTS,
+    )
+    proc = LlavaNextProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    model = _model(
+        "llava_next",
+        text_config={"model_type": "llama", **_TEXT},
+        vision_config=_CLIP,
+        image_token_index=_ids(tok, ["<image>"])[0],
+        image_grid_pinpoints=_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return Subject("llava_next", model, proc, lambda n: "<image> " * n + "Describe.")
+
+
+def _llava_onevision() -> Subject:
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.video_processing_llava_onevision import (
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tok = _tokenizer(["<image>", "<video>"])
+    size = {"height": 16, "width": 16}
+    ip = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=_PINPOINTS)
+    proc = LlavaOnevisionProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        image_token="<image>",
+        video_token="<video>",
+    )
+    image, video = _ids(tok, ["<image>", "<video>"])
+    model = _model(
+        "llava_onevision",
+        text_config={"model_type": "qwen2", **_TEXT},
+        vision_config=_SIGLIP,
+        image_token_index=image,
+        video_token_index=video,
+        image_grid_pinpoints=_PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    return Subject("llava_onevision", model, proc, lambda n: "<image> " * n + "Describe.")
+
+
+BUILDERS.update(
+    paligemma=_paligemma,
+    gemma3=_gemma3,
+    mistral3=_mistral3,
+    llava_next=_llava_next,
+    llava_onevision=_llava_onevision,
+)
