@@ -72,4 +72,7 @@ def explain_image(
         model_name=str(getattr(model.config, "_name_or_path", "")),
         bank_name=index.model_name,
         bank_layers=list(bank_layers) if bank_layers is not None else index.available_layers,
+        addresses=seen.addresses,
+        family=str(getattr(model.config, "model_type", "")),
+        layout=seen.layout.to_json() if seen.layout is not None else {},
     )

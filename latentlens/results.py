@@ -249,9 +249,14 @@ class ImageExplanation:
 
     Attributes:
         image: the image as the model saw it (after crop/resize).
-        grid: ``(H, W)`` patch grid.
-        neighbors: ``{layer: [H·W lists of Neighbor]}`` (patch index = r·W + c).
+        grid: ``(H, W)`` of the main patch grid.
+        neighbors: ``{layer: [N lists of Neighbor]}``: the main grid's ``H·W`` first
+            (patch index = r·W + c), then any other crop's tokens (see ``addresses``).
         patches: the highlighted patch indices (sampled or chosen).
+        addresses: one address per visual token (sequence position, crop, row, col,
+            pixel box in the original image), when the family's geometry is known.
+        family: the VLM family (``config.model_type``).
+        layout: the family's grids and separators (``VisualLayout.to_json()``).
     """
 
     image: Image.Image
@@ -263,6 +268,9 @@ class ImageExplanation:
     bank_name: str = ""
     bank_layers: list[int] = field(default_factory=list)
     image_name: str = ""
+    addresses: list[Any] = field(default_factory=list)
+    family: str = ""
+    layout: dict[str, Any] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
@@ -270,8 +278,23 @@ class ImageExplanation:
         return sorted(self.neighbors)
 
     def rc(self, patch: int) -> tuple[int, int]:
-        """(row, col) of a patch index."""
+        """(row, col) of a patch index (in its crop's grid)."""
+        if self.addresses:
+            a = self.addresses[patch]
+            return a.row, a.col
         return divmod(patch, self.grid[1])
+
+    def _address_fields(self, patch: int) -> dict[str, Any]:
+        if not self.addresses:
+            return {}
+        a = self.addresses[patch]
+        return {
+            "sequence_position": a.sequence_position,
+            "image_index": a.image_index,
+            "frame": a.frame,
+            "crop": a.crop,
+            "pixel_box": [round(float(x), 2) for x in a.pixel_box] if a.pixel_box else None,
+        }
 
     def table(self, patches: Sequence[int] | None = None) -> str:
         """A readable text table of the top neighbours of ``patches`` (default: highlighted)."""
@@ -288,13 +311,19 @@ class ImageExplanation:
         return "\n".join(lines)
 
     def to_dict(self, all_patches: bool = False) -> dict[str, Any]:
-        """JSON-able results in the field names of the original release (SPEC §8)."""
-        chosen = range(self.grid[0] * self.grid[1]) if all_patches else self.patches
+        """JSON-able results in the field names of the original release (SPEC §8), plus each
+        token's ``sequence_position``, ``image_index``, ``frame``, ``crop`` and
+        ``pixel_box`` ``[x0, y0, x1, y1]`` in the original image when known."""
+        n = len(next(iter(self.neighbors.values()))) if self.neighbors else 0
+        chosen = range(n) if all_patches else self.patches
         return {
             "model": self.model_name,
             "bank": self.bank_name,
             "image": self.image_name,
+            "family": self.family,
             "grid": list(self.grid),
+            **({"grids": self.layout.get("grids", [])} if self.layout else {}),
+            **({"separators": self.layout.get("separators", [])} if self.layout else {}),
             "top_k": self.top_k,
             "contextual_layers_used": self.bank_layers,
             "highlighted_patches": self.patches,
@@ -306,6 +335,7 @@ class ImageExplanation:
                             "patch_idx": p,
                             "patch_row": self.rc(p)[0],
                             "patch_col": self.rc(p)[1],
+                            **self._address_fields(p),
                             "nearest_contextual_neighbors": [
                                 n.to_dict() for n in self.neighbors[layer][p]
                             ],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,8 @@ from PIL import Image, ImageOps
 from latentlens.errors import LatentLensError
 from latentlens.models.hooks import get_hidden_states
 from latentlens.models.registry import get_arch, get_config_attr, image_token_id
+from latentlens.models.visual import VISUAL_FAMILIES
+from latentlens.visual_layout import TokenAddress, VisualLayout, layout_visual_tokens
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,12 @@ def encode_image_prompt(
     Qwen-VL processors get ``size = {shortest_edge, longest_edge} = side²`` so the image is
     neither up- nor down-scaled beyond the patch grid.
     """
-    token = image_token or getattr(processor, "image_token", None) or "<image>"
+    token = (
+        image_token
+        or getattr(processor, "boi_token", None)  # Gemma 3 expands its begin-of-image token
+        or getattr(processor, "image_token", None)
+        or "<image>"
+    )
     kwargs: dict[str, Any] = {}
     ip = getattr(processor, "image_processor", None)
     if ip is not None and hasattr(ip, "merge_size"):
@@ -146,18 +153,24 @@ DEFAULT_PROMPT = "Describe this image in detail."
 
 @dataclass
 class ImageStates:
-    """The visual tokens of one image: their hidden states per layer and their grid.
+    """The visual tokens of one image: their hidden states per layer and their addresses.
 
     Attributes:
-        states: ``{layer: [N, d]}`` hidden states of the N visual tokens, in patch order
-            (row-major: token ``i`` is patch ``(i // W, i % W)``).
-        tokens: where they sit in the sequence and their ``(H, W)`` grid.
+        states: ``{layer: [N, d]}`` hidden states of the N visual tokens: first the main
+            grid's ``H·W`` in patch order (row-major: token ``i`` is patch ``(i // W,
+            i % W)``), then any other crop's (LLaVA-NeXT's ``global`` base image).
+        tokens: where the main grid's tokens sit in the sequence and its ``(H, W)`` grid.
         image: the image as the model saw it (after any crop/resize).
+        addresses: one :class:`TokenAddress` per row of ``states`` (pixel boxes in the
+            original image), when the family's geometry is known.
+        layout: the whole layout (grids, separators), when known.
     """
 
     states: dict[int, torch.Tensor]
     tokens: VisualTokens
     image: Image.Image
+    addresses: list[TokenAddress] = field(default_factory=list)
+    layout: VisualLayout | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -200,12 +213,67 @@ def visual_token_states(
     wanted = sorted({int(x) for x in layers})
     out = []
     for image in images:
-        view = load_image(image)
-        view = square_crop_resize(view, size) if size else view
+        original = load_image(image)
+        view = square_crop_resize(original, size) if size else original
         inputs = encode_image_prompt(processor, view, prompt)
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        tokens = locate_visual_tokens(model, inputs["input_ids"], inputs.get("image_grid_thw"))
+        if getattr(model.config, "model_type", None) in VISUAL_FAMILIES:
+            layout = layout_visual_tokens(model, inputs, processor, image_sizes=[view.size])
+            addresses = _main_grid_first(layout, _view_to_original(original.size, size))
+            tokens = VisualTokens(
+                positions=torch.tensor([a.sequence_position for a in addresses[: _main(layout)]]),
+                grid=_main_grid(layout),
+            )
+        else:  # a registered family without a VisualFamily entry: the registry's grid
+            layout, addresses = None, []
+            tokens = locate_visual_tokens(model, inputs["input_ids"], inputs.get("image_grid_thw"))
         states = get_hidden_states(model, layers=wanted, **inputs)
-        pos = tokens.positions.to(device)
-        out.append(ImageStates({x: states[x][0, pos] for x in wanted}, tokens, view))
+        pos = (
+            torch.tensor([a.sequence_position for a in addresses])
+            if addresses
+            else tokens.positions
+        ).to(device)
+        out.append(
+            ImageStates({x: states[x][0, pos] for x in wanted}, tokens, view, addresses, layout)
+        )
     return out
+
+
+def _main_grid(layout: VisualLayout) -> tuple[int, int]:
+    """The grid the picture and the patch numbers use: the only one, or the high-res one."""
+    grids = [g for g in layout.grids if g.image_index == 0]
+    named = [g for g in grids if g.crop == "high-res"]
+    return (named or grids)[0].shape
+
+
+def _main(layout: VisualLayout) -> int:
+    h, w = _main_grid(layout)
+    return h * w
+
+
+def _main_grid_first(layout: VisualLayout, to_original: Any) -> list[TokenAddress]:
+    """The addresses of image 0: the main grid's row-major, then the rest in sequence order,
+    with pixel boxes mapped from the model's view to the original image."""
+    tokens = [replace(t, pixel_box=to_original(t.pixel_box)) for t in layout.select(0)]
+    main_crop = "high-res" if any(t.crop == "high-res" for t in tokens) else tokens[0].crop
+    main = sorted((t for t in tokens if t.crop == main_crop), key=lambda t: (t.row, t.col))
+    return main + [t for t in tokens if t.crop != main_crop]
+
+
+def _view_to_original(size: tuple[int, int], side: int | None) -> Any:
+    """Box mapping from the square ``side`` view of :func:`square_crop_resize` back to the
+    original image of ``size = (W, H)`` (identity without a view)."""
+    if not side:
+        return lambda box: box
+    w, h = size
+    crop = min(w, h)
+    left, top = (w - crop) // 2, (h - crop) // 2
+    scale = crop / side
+
+    def to_original(box: Any) -> Any:
+        if box is None:
+            return None
+        x0, y0, x1, y1 = box
+        return (left + x0 * scale, top + y0 * scale, left + x1 * scale, top + y1 * scale)
+
+    return to_original

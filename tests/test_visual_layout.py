@@ -95,3 +95,128 @@ def test_painting_a_tokens_pixels_moves_that_token_most(family: str):
             picks.append(layout.find(g.image_index, r, c, crop=g.crop))
     for target in picks:
         check_most_moved(s, images, target)
+
+
+def encode_video(s: Subject, frames: list[Image.Image]) -> dict:
+    return dict(
+        s.processor(text=[s.video_prompt], videos=[frames], return_tensors="pt", **(s.kwargs or {}))
+    )
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_painting_one_frame_moves_the_token_of_its_temporal_group(family: str):
+    s = build(family)
+    frames = [noise(48, 32, 10 + i) for i in range(6)]
+    args = dict(video_sizes=[frames[0].size], video_frames=[len(frames)])
+    inputs = encode_video(s, frames)
+    layout = layout_visual_tokens(s.model, inputs, s.processor, **args)
+    groups = sorted({t.frame for t in layout.tokens})
+    assert groups == [0, 2, 4] and {t.frames for t in layout.tokens} == {(0, 1), (2, 3), (4, 5)}
+    before = layer0(s, inputs, layout)
+    for f, (r, c) in ((3, (0, 0)), (4, (1, 2)), (0, (2, 1))):
+        target = layout.find(0, r, c, frame=f - f % 2)
+        changed = list(frames)
+        changed[f] = paint(frames[f], target.pixel_box)
+        inputs2 = encode_video(s, changed)
+        after = layer0(s, inputs2, layout_visual_tokens(s.model, inputs2, s.processor, **args))
+        moved = layout.tokens[int((after - before).norm(dim=-1).argmax())]
+        assert moved == target, f"{family}: painting frame {f} at {target} moved {moved}"
+
+
+@pytest.mark.parametrize(
+    "family, kinds",
+    [
+        ("mistral3", {"image_break", "image_end"}),
+        ("llava_next", {"image_newline"}),
+        ("llava_onevision", {"image_newline"}),
+    ],
+)
+def test_separators_are_located_and_kept_out_of_the_grid(family: str, kinds: set[str]):
+    s = build(family)
+    images = [noise(64, 48, 1), noise(40, 56, 2)]
+    inputs = encode(s, images)
+    layout = layout_visual_tokens(
+        s.model, inputs, s.processor, image_sizes=[im.size for im in images]
+    )
+    ids = inputs["input_ids"][0]
+    assert {sep.kind for sep in layout.separators} == kinds
+    patches = {t.sequence_position for t in layout.tokens}
+    assert patches.isdisjoint(sep.sequence_position for sep in layout.separators)
+    for i in (0, 1):
+        seps = [sep for sep in layout.separators if sep.image_index == i]
+        rows = next(g.shape[0] for g in layout.grids if g.image_index == i and g.crop != "global")
+        assert len(seps) == rows  # one per row of the grid they separate
+        last_of_row = [
+            max(
+                t.sequence_position
+                for t in layout.tokens
+                if t.image_index == i and t.row == r and t.crop != "global"
+            )
+            for r in range(rows)
+        ]
+        assert [sep.sequence_position for sep in seps] == [p + 1 for p in last_of_row]
+    if family == "mistral3":
+        tok = s.processor.tokenizer
+        break_id, end_id = tok.convert_tokens_to_ids(["[IMG_BREAK]", "[IMG_END]"])
+        for sep in layout.separators:
+            assert int(ids[sep.sequence_position]) == (
+                end_id if sep.kind == "image_end" else break_id
+            )
+    else:  # the newline is an image-token slot filled with the learned image_newline vector
+        with torch.inference_mode():
+            h0 = get_hidden_states(s.model, layers=[0], **inputs)[0][0]
+        newline = s.model.model.image_newline
+        for sep in layout.separators:
+            assert torch.allclose(h0[sep.sequence_position], newline, atol=1e-6)
+
+
+def brute_force(index, state: torch.Tensor, k: int) -> list[tuple[int, str, float]]:
+    """Top-k (bank layer, caption, cosine) over every stored row, by hand."""
+    hits = []
+    q = state.double() / state.double().norm()
+    for layer, data in index._layers_data.items():
+        emb = data["embeddings"].double()
+        sims = emb @ q / emb.norm(dim=1)
+        for i in sims.argsort(descending=True)[:k].tolist():
+            hits.append((layer, data["metadata"][i]["caption"], float(sims[i])))
+    return sorted(hits, key=lambda h: -h[2])[:k]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_explain_image_neighbours_are_a_brute_force_at_the_reported_positions(family, tmp_path):
+    from latentlens.explain import explain_image
+    from latentlens.extract import build_index
+    from latentlens.vlm import encode_image_prompt
+    from tests.tiny import SENTENCES
+
+    s = build(family)
+    index = build_index(
+        f"tiny-{family}",
+        SENTENCES[:12],
+        layers=[1, 2],
+        model=s.model,
+        tokenizer=s.processor.tokenizer,
+        show_progress=False,
+    )
+    image = noise(56, 40, 3)
+    ex = explain_image(
+        s.model, s.processor, image, index, [0, 1, 2], top_k=3, size=None, num_patches=2
+    )
+    doc = ex.to_dict(all_patches=True)
+    assert doc["family"] == family and doc["grids"]
+    inputs = encode_image_prompt(s.processor, image, "Describe this image in detail.")
+    with torch.inference_mode():
+        states = get_hidden_states(s.model, layers=[0, 1, 2], **inputs)
+    ids = inputs["input_ids"][0]
+    for layer in ("0", "1", "2"):
+        patches = doc["layers"][layer]["patches"]
+        assert len(patches) == len(ex.addresses) > 0
+        for patch in patches[:: max(1, len(patches) // 5)]:
+            pos = patch["sequence_position"]
+            assert int(ids[pos]) != s.processor.tokenizer.pad_token_id
+            x0, y0, x1, y1 = patch["pixel_box"]
+            assert 0 <= x0 < x1 <= 56 and 0 <= y0 < y1 <= 40
+            want = brute_force(index, states[int(layer)][0, pos], 3)
+            got = patch["nearest_contextual_neighbors"]
+            assert [(n["contextual_layer"], n["caption"]) for n in got] == [w[:2] for w in want]
+            assert [n["similarity"] for n in got] == pytest.approx([w[2] for w in want], abs=1e-3)
