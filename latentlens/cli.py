@@ -180,7 +180,7 @@ def demo(bank_dir: str | None, layer: int, top_k: int) -> None:
     help="Bank storage: float16 (default), bfloat16, float32, float8_e4m3fn.",
 )
 @click.option(
-    "--model-dtype", default=None, help="Model compute dtype (default fp16 on CUDA, fp32 on CPU)."
+    "--model-dtype", default=None, help="Model compute dtype (default bf16 on CUDA where supported, else fp16; fp32 on CPU)."
 )
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")

@@ -67,7 +67,8 @@ DEFAULT_BANK = "McGill-NLP/latentlens-qwen2vl-embeddings"
     "--model-dtype",
     "dtype",
     default=None,
-    help="Model compute dtype: fp16 / bf16 / fp32 (default: fp16 on CUDA, fp32 on CPU).",
+    help="Model compute dtype: fp16 / bf16 / fp32 (default: bf16 on CUDA where supported, "
+    "else fp16; fp32 on CPU).",
 )
 @click.option(
     "--out",
@@ -130,7 +131,7 @@ def explain_image_command(
     from latentlens.explain import explain_image
     from latentlens.extract import build_index
     from latentlens.index import ContextualIndex
-    from latentlens.models.loading import load_model, load_processor
+    from latentlens.models.loading import default_compute_dtype, load_model, load_processor
     from latentlens.viz.html import explorer_html
     from latentlens.viz.patches import patch_figure
     from latentlens.vlm import load_image
@@ -143,7 +144,7 @@ def explain_image_command(
             Path(chosen) if chosen else Path(str(files("latentlens") / "data" / "example.png"))
         )
         run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        run_dtype = dtype or ("fp16" if run_device.type == "cuda" else "fp32")
+        run_dtype = dtype or default_compute_dtype(run_device)
         click.echo(f"loading {model} ({run_dtype}, {run_device}) ...", err=True)
         vlm, _tok = load_model(model, device=run_device, dtype=run_dtype)
         processor = load_processor(model)

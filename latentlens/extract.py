@@ -34,7 +34,7 @@ from latentlens.errors import CorpusError, LatentLensError
 from latentlens.index import ContextualIndex
 from latentlens.models.defaults import default_layers_for
 from latentlens.models.hooks import get_hidden_states
-from latentlens.models.loading import load_model
+from latentlens.models.loading import default_compute_dtype, load_model
 from latentlens.models.registry import num_layers
 from latentlens.selection import Plan, Sampling, plan_entries
 
@@ -191,8 +191,8 @@ def build_index(
             the config's (50 library, 20 paper).
         batch_size: sentences per forward pass; default the config's (32).
         device: where the model runs (default CUDA if available, else CPU).
-        dtype: model compute dtype when loading (default fp16 on CUDA, fp32 on CPU, where
-            fp16 matmuls have no fast kernels).
+        dtype: model compute dtype when loading (default bf16 on a CUDA GPU that supports it,
+            else fp16; fp32 on CPU, where half-precision matmuls have no fast kernels).
         show_progress: a tqdm bar over sentences.
         config: the build settings (see :class:`BuildConfig`).
         model, tokenizer: an already-loaded model and tokenizer.
@@ -226,7 +226,7 @@ def build_index(
             raise LatentLensError("give a model name or an already-loaded model=")
         run_device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
-            dtype = torch.float16 if run_device.type == "cuda" else torch.float32
+            dtype = default_compute_dtype(run_device)
         model, tokenizer = load_model(model_name, device=run_device, dtype=dtype)
     elif tokenizer is None:
         raise LatentLensError("model= was given without tokenizer=")

@@ -493,3 +493,13 @@ def test_non_finite_states_at_real_tokens_raise_padding_ignored() -> None:
             get_hidden_states(model, layers=[1], **batch)
     finally:
         handle.remove()
+
+
+def test_default_compute_dtype_is_bf16_on_gpus_that_support_it(monkeypatch):
+    from latentlens.models.loading import default_compute_dtype
+
+    assert default_compute_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert default_compute_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert default_compute_dtype(torch.device("cuda", 0)) == torch.float16

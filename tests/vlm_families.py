@@ -8,14 +8,29 @@ placeholder tokens exactly as they do for the released checkpoints.
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import transformers
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from latentlens.models.hooks import get_hidden_states
+from latentlens.models.visual import VISUAL_FAMILIES
+from latentlens.visual_layout import TokenAddress, VisualLayout, layout_visual_tokens
 from tests.tiny import tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 _TEXT = dict(
     vocab_size=160,
@@ -132,7 +147,7 @@ def _qwen(family: str) -> Subject:
             intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1]
         )
         ip = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
-    else:  # qwen3_vl
+    else:  # qwen3_vl, qwen3_vl_moe, qwen3_5: Qwen3-VL's processor
         from transformers import Qwen3VLProcessor as Proc
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
             Qwen3VLVideoProcessor as Video,
@@ -148,6 +163,8 @@ def _qwen(family: str) -> Subject:
         ip = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
     sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
     proc = Proc(image_processor=ip, tokenizer=tok, video_processor=Video(**sizes))
+    if family in ("qwen3_vl_moe", "qwen3_5_moe"):
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
     model = _model(
         family,
         text_config=text,
@@ -342,10 +359,185 @@ def _llava_onevision() -> Subject:
     return Subject("llava_onevision", model, proc, lambda n: "<image> " * n + "Describe.")
 
 
+def _vipllava() -> Subject:
+    s = _llava()
+    model = _model(
+        "vipllava",
+        text_config={"model_type": "llama", **_TEXT},
+        vision_config=_CLIP,
+        image_token_index=s.model.config.image_token_index,
+        vision_feature_layers=[-2, -1],
+    )
+    return Subject("vipllava", model, s.processor, s.prompt)
+
+
 BUILDERS.update(
+    vipllava=_vipllava,
+    qwen3_vl_moe=lambda: _qwen("qwen3_vl_moe"),
+    qwen3_5=lambda: _qwen("qwen3_5"),
+    qwen3_5_moe=lambda: _qwen("qwen3_5_moe"),
     paligemma=_paligemma,
     gemma3=_gemma3,
     mistral3=_mistral3,
     llava_next=_llava_next,
     llava_onevision=_llava_onevision,
 )
+
+
+# ── the checks, shared by the tests and the compatibility matrix ──────────────────────
+
+
+def noise(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A random RGB image."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+def paint(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    """The image with the middle half of ``box`` painted a flat colour."""
+    x0, y0, x1, y1 = box
+    dx, dy = (x1 - x0) / 4, (y1 - y0) / 4
+    arr = np.array(image)
+    arr[round(y0 + dy) : round(y1 - dy), round(x0 + dx) : round(x1 - dx)] = (255, 0, 255)
+    return Image.fromarray(arr)
+
+
+def encode(s: Subject, images: list[Image.Image]) -> dict:
+    """The processor's inputs for ``images`` in the subject's prompt."""
+    return dict(
+        s.processor(
+            text=[s.prompt(len(images))], images=images, return_tensors="pt", **(s.kwargs or {})
+        )
+    )
+
+
+def encode_video(s: Subject, frames: list[Image.Image]) -> dict:
+    """The processor's inputs for one video of ``frames``."""
+    return dict(
+        s.processor(text=[s.video_prompt], videos=[frames], return_tensors="pt", **(s.kwargs or {}))
+    )
+
+
+def layer0(s: Subject, inputs: dict, layout: VisualLayout) -> torch.Tensor:
+    """``[N, d]`` layer-0 states of the visual tokens, in layout order."""
+    with torch.inference_mode():
+        return get_hidden_states(s.model, layers=[0], **inputs)[0][0, layout.positions]
+
+
+def most_moved(s: Subject, images: list[Image.Image], target: TokenAddress) -> TokenAddress:
+    """The token of ``target``'s grid whose layer-0 state moves most when ``target``'s
+    pixel box is painted over (a region is seen by every crop that covers it)."""
+    sizes = [im.size for im in images]
+    inputs = encode(s, images)
+    layout = layout_visual_tokens(s.model, inputs, s.processor, image_sizes=sizes)
+    before = layer0(s, inputs, layout)
+    changed = list(images)
+    changed[target.image_index] = paint(images[target.image_index], target.pixel_box)
+    inputs2 = encode(s, changed)
+    after = layer0(
+        s, inputs2, layout_visual_tokens(s.model, inputs2, s.processor, image_sizes=sizes)
+    )
+    same = [
+        i
+        for i, t in enumerate(layout.tokens)
+        if (t.image_index, t.crop, t.frame) == (target.image_index, target.crop, target.frame)
+    ]
+    return layout.tokens[same[int((after - before)[same].norm(dim=-1).argmax())]]
+
+
+def _picks(layout: VisualLayout) -> list[TokenAddress]:
+    out = []
+    for g in layout.grids:
+        h, w = g.shape
+        for r, c in ((0, 0), (h - 1, w - 1), (h // 2, w // 3)):
+            out.append(layout.find(g.image_index, r, c, crop=g.crop, frame=g.frame))
+    return out
+
+
+def _video_ok(s: Subject) -> bool:
+    frames = [noise(48, 32, 10 + i) for i in range(4)]
+    args = dict(video_sizes=[frames[0].size], video_frames=[len(frames)])
+    inputs = encode_video(s, frames)
+    layout = layout_visual_tokens(s.model, inputs, s.processor, **args)
+    before = layer0(s, inputs, layout)
+    for f in (1, 2):
+        target = layout.find(0, 1, 1, frame=f - f % 2)
+        changed = list(frames)
+        changed[f] = paint(frames[f], target.pixel_box)
+        inputs2 = encode_video(s, changed)
+        after = layer0(s, inputs2, layout_visual_tokens(s.model, inputs2, s.processor, **args))
+        if layout.tokens[int((after - before).norm(dim=-1).argmax())] != target:
+            return False
+    return True
+
+
+def probe(family: str) -> dict[str, str]:
+    """What works for one family: each cell checked from the pixels as the tests do."""
+    s = build(family)
+    one, two = [noise(64, 48, 1)], [noise(64, 48, 1), noise(40, 56, 2)]
+    cells: dict[str, str] = {"class": type(s.model).__name__}
+    for name, images in (("image", one), ("multi-image", two)):
+        layout = layout_visual_tokens(
+            s.model, encode(s, images), s.processor, image_sizes=[im.size for im in images]
+        )
+        ok = all(most_moved(s, images, t) == t for t in _picks(layout))
+        cells[name] = "✓" if ok else "✗"
+        if name == "image":
+            crops = sorted({g.crop for g in layout.grids if g.crop})
+            cells["crops"] = ", ".join(crops) if crops else "one grid"
+            kinds = sorted({sep.kind for sep in layout.separators})
+            cells["separators"] = ", ".join(kinds) if kinds else "—"
+    cells["video"] = ("✓" if _video_ok(s) else "✗") if s.video_prompt else "—"
+    return cells
+
+
+def markdown() -> str:
+    """The compatibility matrix (docs/vlm_compatibility.md)."""
+    lines = [
+        "# VLM families: visual tokens addressed",
+        "",
+        f"Generated by `python tests/vlm_families.py --markdown` with transformers "
+        f"{transformers.__version__}; `tests/test_visual_layout.py` fails when this file and",
+        "the checks disagree. Every ✓ is checked on a tiny random model of the real class with a",
+        "real processor: painting a token's pixel box moves that token's layer-0 state most (three",
+        "tokens per grid; for video, one frame of a temporal group).",
+        "",
+        "| family | class | image | multi-image | video | crops | separators |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for family in sorted(BUILDERS):
+        c = probe(family)
+        lines.append(
+            f"| `{family}` | `{c['class']}` | {c['image']} | {c['multi-image']} | {c['video']} "
+            f"| {c['crops']} | {c['separators']} |"
+        )
+    untested = sorted(set(VISUAL_FAMILIES) - set(BUILDERS))
+    if untested:
+        lines += [
+            "",
+            "Registered without a tiny test model: " + ", ".join(f"`{f}`" for f in untested) + ".",
+        ]
+    lines += [
+        "",
+        "Not addressed yet (a clear error names the family): "
+        + ", ".join(f"`{f}`" for f in NOT_YET)
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+NOT_YET = ("aya_vision", "glm4v", "idefics3", "internvl", "llama4", "llava_next_video", "smolvlm")
+
+
+def main() -> None:
+    """Print the compatibility matrix (``--markdown``)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--markdown", action="store_true", help="print docs/vlm_compatibility.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.markdown:
+        sys.stdout.write(markdown())
+
+
+if __name__ == "__main__":
+    main()

@@ -91,6 +91,15 @@ def _set_pad_token(tokenizer: Any) -> None:
         logger.info("tokenizer has no pad token; using eos %r", tokenizer.eos_token)
 
 
+def default_compute_dtype(device: str | torch.device) -> torch.dtype:
+    """The safe default compute dtype on ``device``: bf16 on a CUDA GPU that supports it
+    (fp16 overflows in the early layers of some models), else fp16 on CUDA, fp32 on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,

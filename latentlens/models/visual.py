@@ -80,7 +80,6 @@ VISUAL_FAMILIES: dict[str, VisualFamily] = {
     "qwen3_vl_moe": _QWEN,
     "qwen3_5": _QWEN,
     "qwen3_5_moe": _QWEN,
-    "glm4v": _QWEN,
     "llava": _LLAVA,
     "vipllava": _LLAVA,
     "paligemma": dataclasses.replace(_LLAVA, notes="SigLIP: the image is squashed."),
@@ -97,9 +96,6 @@ VISUAL_FAMILIES: dict[str, VisualFamily] = {
         notes="Pixtral: [IMG_BREAK] after each row of merged patches, [IMG_END] after the last.",
     ),
     "llava_next": _ANYRES,
-    "llava_next_video": dataclasses.replace(
-        _ANYRES, notes="Images as LLaVA-NeXT; videos are not addressed yet."
-    ),
     "llava_onevision": dataclasses.replace(
         _ANYRES, notes="Images as LLaVA-NeXT (anyres_max); videos are not addressed yet."
     ),
