@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from latentlens.cli_explain import explain_image_command
+from latentlens.cli_explain import explain_image_command, explain_video_command
 from latentlens.options import parse_layers
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -180,7 +180,9 @@ def demo(bank_dir: str | None, layer: int, top_k: int) -> None:
     help="Bank storage: float16 (default), bfloat16, float32, float8_e4m3fn.",
 )
 @click.option(
-    "--model-dtype", default=None, help="Model compute dtype (default bf16 on CUDA where supported, else fp16; fp32 on CPU)."
+    "--model-dtype",
+    default=None,
+    help="Model compute dtype (default bf16 on CUDA where supported, else fp16; fp32 on CPU).",
 )
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
@@ -481,6 +483,7 @@ def interpret(
 
 
 main.add_command(explain_image_command)
+main.add_command(explain_video_command)
 
 if __name__ == "__main__":
     main()

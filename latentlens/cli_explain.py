@@ -209,3 +209,121 @@ def explain_image_command(
     except (LatentLensError, ValueError, OSError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
+
+
+@click.command(
+    "explain-video",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.argument("video", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option(
+    "--model", default=DEFAULT_MODEL, show_default=True, help="VLM: Hub id or local folder."
+)
+@click.option(
+    "--bank", default=None, help=f"Bank: Hub id or local folder [default: {DEFAULT_BANK}]."
+)
+@click.option(
+    "--layers", default="2,8,27", show_default=True, help="Query layers (comma-separated)."
+)
+@click.option("--bank-layers", default=None, help="Bank layers to load and search (default: all).")
+@click.option(
+    "--num-frames", type=click.IntRange(1), default=None, help="Frames kept, evenly spaced."
+)
+@click.option(
+    "--num-patches",
+    default=10,
+    show_default=True,
+    help="Tokens highlighted in the table and strip.",
+)
+@click.option("--seed", default=10, show_default=True, help="Seed of the token sample.")
+@click.option("--top-k", default=5, show_default=True)
+@click.option("--device", default=None, help="cuda / cpu (default: cuda if available).")
+@click.option(
+    "--model-dtype",
+    "dtype",
+    default=None,
+    help="Model compute dtype: fp16 / bf16 / fp32 (default: bf16 on CUDA where supported, "
+    "else fp16; fp32 on CPU).",
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="PNG strip path [default: <stem>_latentlens.png].",
+)
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    is_flag=False,
+    flag_value="",
+    help="Also write JSON: every visual token (optional path).",
+)
+def explain_video_command(
+    video,
+    model,
+    bank,
+    layers,
+    bank_layers,
+    num_frames,
+    num_patches,
+    seed,
+    top_k,
+    device,
+    dtype,
+    out,
+    json_path,
+) -> None:
+    """Explain what each visual token of a VIDEO means, frame by frame.
+
+    VIDEO is a video file (read by transformers' load_video; needs PyAV), an animated
+    GIF/WebP, a folder of frames, or several frame images. Every visual token is addressed
+    by its temporal group (the frames merged into it), row and column; its hidden state at
+    the query layers is searched in the bank. Prints a table, writes a PNG strip (one panel
+    per temporal group) and, with --json, every token with its neighbours.
+    """
+    import torch
+
+    from latentlens.errors import LatentLensError
+    from latentlens.explain import explain_video
+    from latentlens.index import ContextualIndex
+    from latentlens.models.loading import default_compute_dtype, load_model, load_processor
+    from latentlens.viz.video import video_strip
+    from latentlens.vlm import load_frames
+
+    try:
+        source = list(video) if len(video) > 1 else video[0]
+        frames = load_frames(source, num_frames=num_frames)
+        run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        run_dtype = dtype or default_compute_dtype(run_device)
+        click.echo(f"loading {model} ({run_dtype}, {run_device}) ...", err=True)
+        vlm, _tok = load_model(model, device=run_device, dtype=run_dtype)
+        processor = load_processor(model)
+        index = ContextualIndex.from_pretrained(
+            bank or DEFAULT_BANK, layers=parse_int_list(bank_layers)
+        )
+        index.to(run_device)
+        ex = explain_video(
+            vlm,
+            processor,
+            frames,
+            index,
+            parse_int_list(layers) or [],
+            top_k=top_k,
+            num_patches=num_patches,
+            seed=seed,
+        )
+        first = Path(video[0])
+        ex.video_name = first.name
+        click.echo(ex.table())
+        stem = first.with_suffix("") if first.is_file() else first
+        png = Path(out) if out else stem.parent / f"{stem.name}_latentlens.png"
+        video_strip(ex).savefig(png, dpi=100)
+        click.echo(f"wrote {png}", err=True)
+        if json_path is not None:
+            jp = Path(json_path) if json_path else png.with_suffix(".json")
+            jp.write_text(json.dumps(ex.to_dict(), ensure_ascii=False))
+            click.echo(f"wrote {jp}", err=True)
+    except (LatentLensError, ValueError, OSError) as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)

@@ -10,8 +10,13 @@ import torch
 from PIL import Image
 
 from latentlens.index import ContextualIndex
-from latentlens.results import ImageExplanation
-from latentlens.vlm import DEFAULT_PROMPT, visual_token_states
+from latentlens.results import ImageExplanation, VideoExplanation
+from latentlens.vlm import (
+    DEFAULT_PROMPT,
+    DEFAULT_VIDEO_PROMPT,
+    video_token_states,
+    visual_token_states,
+)
 
 
 def sample_patches(n_patches: int, k: int, seed: int = 10) -> list[int]:
@@ -75,4 +80,54 @@ def explain_image(
         addresses=seen.addresses,
         family=str(getattr(model.config, "model_type", "")),
         layout=seen.layout.to_json() if seen.layout is not None else {},
+    )
+
+
+@torch.inference_mode()
+def explain_video(
+    model: Any,
+    processor: Any,
+    frames: Sequence[Image.Image],
+    index: ContextualIndex,
+    layers: Sequence[int],
+    *,
+    top_k: int = 5,
+    prompt: str = DEFAULT_VIDEO_PROMPT,
+    bank_layers: Sequence[int] | None = None,
+    num_patches: int = 10,
+    seed: int = 10,
+) -> VideoExplanation:
+    """Run the VLM once on a video and search the bank with every visual token's state.
+
+    Args:
+        model: a VLM that takes videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5).
+        processor: its processor.
+        frames: the video's frames (see :func:`latentlens.vlm.load_frames`).
+        index: the contextual bank (built from this VLM's language model).
+        layers: query layers (hidden-state indices of the language model).
+        top_k: neighbours per visual token.
+        prompt: text after the video placeholder.
+        bank_layers: bank layers searched (default all).
+        num_patches: tokens highlighted in the table and picture (sampled with ``seed``).
+
+    Returns:
+        A :class:`VideoExplanation`: every token's address (frame pair, row, col, pixel
+        box) and its neighbours per layer.
+    """
+    seen = video_token_states(model, processor, frames, layers, prompt=prompt)
+    neighbors = {
+        layer: index.search(states, top_k=top_k, layers=bank_layers)
+        for layer, states in seen.states.items()
+    }
+    return VideoExplanation(
+        frames=seen.frames,
+        addresses=seen.addresses,
+        neighbors=neighbors,
+        patches=sample_patches(len(seen.addresses), num_patches, seed),
+        top_k=top_k,
+        model_name=str(getattr(model.config, "_name_or_path", "")),
+        bank_name=index.model_name,
+        bank_layers=list(bank_layers) if bank_layers is not None else index.available_layers,
+        family=str(getattr(model.config, "model_type", "")),
+        layout=seen.layout.to_json(),
     )

@@ -285,16 +285,7 @@ class ImageExplanation:
         return divmod(patch, self.grid[1])
 
     def _address_fields(self, patch: int) -> dict[str, Any]:
-        if not self.addresses:
-            return {}
-        a = self.addresses[patch]
-        return {
-            "sequence_position": a.sequence_position,
-            "image_index": a.image_index,
-            "frame": a.frame,
-            "crop": a.crop,
-            "pixel_box": [round(float(x), 2) for x in a.pixel_box] if a.pixel_box else None,
-        }
+        return address_fields(self.addresses[patch]) if self.addresses else {}
 
     def table(self, patches: Sequence[int] | None = None) -> str:
         """A readable text table of the top neighbours of ``patches`` (default: highlighted)."""
@@ -341,6 +332,102 @@ class ImageExplanation:
                             ],
                         }
                         for p in chosen
+                    ],
+                }
+                for layer in self.layers
+            },
+        }
+
+
+def address_fields(a: Any) -> dict[str, Any]:
+    """The JSON fields of a visual token's address (``TokenAddress``)."""
+    return {
+        "sequence_position": a.sequence_position,
+        "image_index": a.image_index,
+        "frame": a.frame,
+        "frames": list(a.frames) if a.frames else None,
+        "crop": a.crop,
+        "pixel_box": [round(float(x), 2) for x in a.pixel_box] if a.pixel_box else None,
+    }
+
+
+@dataclass
+class VideoExplanation:
+    """Nearest contextual neighbours of every visual token of one video, per query layer.
+
+    Attributes:
+        frames: the frames given to the model.
+        addresses: one per visual token (temporal group, row, col, pixel box), in sequence
+            order.
+        neighbors: ``{layer: [N lists of Neighbor]}``, one list per address.
+        patches: highlighted token indices (into ``addresses``).
+    """
+
+    frames: list[Image.Image]
+    addresses: list[Any]
+    neighbors: dict[int, list[list[Neighbor]]]
+    patches: list[int]
+    top_k: int
+    model_name: str = ""
+    bank_name: str = ""
+    bank_layers: list[int] = field(default_factory=list)
+    family: str = ""
+    layout: dict[str, Any] = field(default_factory=dict)
+    video_name: str = ""
+
+    @property
+    def layers(self) -> list[int]:
+        """Query layers, ascending."""
+        return sorted(self.neighbors)
+
+    @property
+    def groups(self) -> list[int]:
+        """The first frame of each temporal group, in order."""
+        return sorted({a.frame for a in self.addresses})
+
+    def table(self, patches: Sequence[int] | None = None) -> str:
+        """A readable text table of the top neighbours of ``patches`` (default: highlighted)."""
+        lines = []
+        for layer in self.layers:
+            lines.append(f"── layer {layer} " + "─" * 60)
+            for i, p in enumerate(patches if patches is not None else self.patches, 1):
+                a = self.addresses[p]
+                lines.append(
+                    f"  #{i:<2} frames {a.frames[0]}-{a.frames[1]} (row {a.row:>2}, col {a.col:>2})"
+                )
+                lines += [
+                    f"{'':>5}" + neighbor_line(nb, caption_width=70)
+                    for nb in self.neighbors[layer][p]
+                ]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able results: every visual token with its address and neighbours per layer."""
+        return {
+            "model": self.model_name,
+            "bank": self.bank_name,
+            "video": self.video_name,
+            "family": self.family,
+            "num_frames": len(self.frames),
+            "grids": self.layout.get("grids", []),
+            "separators": self.layout.get("separators", []),
+            "top_k": self.top_k,
+            "contextual_layers_used": self.bank_layers,
+            "highlighted_patches": self.patches,
+            "layers": {
+                str(layer): {
+                    "visual_layer": layer,
+                    "patches": [
+                        {
+                            "patch_idx": p,
+                            "patch_row": a.row,
+                            "patch_col": a.col,
+                            **address_fields(a),
+                            "nearest_contextual_neighbors": [
+                                n.to_dict() for n in self.neighbors[layer][p]
+                            ],
+                        }
+                        for p, a in enumerate(self.addresses)
                     ],
                 }
                 for layer in self.layers

@@ -277,3 +277,115 @@ def _view_to_original(size: tuple[int, int], side: int | None) -> Any:
         return (left + x0 * scale, top + y0 * scale, left + x1 * scale, top + y1 * scale)
 
     return to_original
+
+
+DEFAULT_VIDEO_PROMPT = "Describe this video in detail."
+_VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+
+
+def load_frames(source: Any, *, num_frames: int | None = None) -> list[Image.Image]:
+    """The frames of a video, as RGB images.
+
+    ``source``: a list of images or image paths; a folder of images (sorted by name); an
+    animated image (GIF, WebP, APNG); or a video file, read by transformers' own
+    ``load_video`` (PyAV; ``num_frames`` evenly spaced frames).
+
+    Raises:
+        LatentLensError: no frames, or a video file without a reader installed.
+    """
+    from pathlib import Path
+
+    from PIL import ImageSequence
+
+    if isinstance(source, (list, tuple)):
+        frames = [load_image(f) for f in source]
+    else:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(
+                f
+                for f in path.iterdir()
+                if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+            )
+            frames = [load_image(f) for f in files]
+        elif path.suffix.lower() in _VIDEO_SUFFIXES:
+            try:
+                from transformers.video_utils import load_video
+
+                array, _meta = load_video(str(path), num_frames=num_frames)
+            except ImportError as e:
+                raise LatentLensError(
+                    f"reading {path.name} needs a video reader (pip install av), or pass its "
+                    f"frames as images: {e}"
+                ) from None
+            frames = [Image.fromarray(a).convert("RGB") for a in array]
+        else:
+            with Image.open(path) as img:
+                frames = [f.convert("RGB") for f in ImageSequence.Iterator(img)]
+    if num_frames is not None and len(frames) > num_frames:
+        step = len(frames) / num_frames
+        frames = [frames[int(i * step)] for i in range(num_frames)]
+    if not frames:
+        raise LatentLensError(f"no frames in {source!r}")
+    return frames
+
+
+@dataclass
+class VideoStates:
+    """The visual tokens of one video: hidden states per layer and their addresses.
+
+    Attributes:
+        states: ``{layer: [N, d]}``, one row per address, in sequence order.
+        addresses: each token's temporal group (``frame``, ``frames``), row, col, box.
+        layout: grids (one per temporal group) and separators.
+        frames: the frames as given to the processor.
+    """
+
+    states: dict[int, torch.Tensor]
+    addresses: list[TokenAddress]
+    layout: VisualLayout
+    frames: list[Image.Image]
+
+
+@torch.inference_mode()
+def video_token_states(
+    model: Any,
+    processor: Any,
+    frames: Sequence[Image.Image],
+    layers: Sequence[int],
+    *,
+    prompt: str = DEFAULT_VIDEO_PROMPT,
+) -> VideoStates:
+    """Per-layer states of every visual token of one video, each addressed (frame, row, col).
+
+    The frames go to the processor as they are (no frame sampling), after its video
+    placeholder and before ``prompt``; one forward stops after the deepest layer.
+
+    Raises:
+        LatentLensError: the family takes no video, or the inputs do not match its layout.
+    """
+    token = getattr(processor, "video_token", None)
+    if token is None or getattr(processor, "video_processor", None) is None:
+        raise LatentLensError(f"{type(processor).__name__} takes no video")
+    start, end = (getattr(processor, a, None) for a in ("vision_start_token", "vision_end_token"))
+    text = (f"{start}{token}{end}" if start and end else token) + prompt
+    frames = list(frames)
+    inputs = dict(
+        processor(
+            text=[text],
+            videos=[frames],
+            return_tensors="pt",
+            videos_kwargs={"do_sample_frames": False},
+        )
+    )
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    layout = layout_visual_tokens(
+        model, inputs, processor, video_sizes=[frames[0].size], video_frames=[len(frames)]
+    )
+    if not layout.tokens or layout.tokens[0].frame is None:
+        raise LatentLensError(f"no video tokens found for {type(model).__name__}")
+    wanted = sorted({int(x) for x in layers})
+    states = get_hidden_states(model, layers=wanted, **inputs)
+    pos = layout.positions.to(device)
+    return VideoStates({x: states[x][0, pos] for x in wanted}, list(layout.tokens), layout, frames)

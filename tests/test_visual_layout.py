@@ -242,3 +242,84 @@ def test_inputs_that_do_not_match_the_layout_are_refused():
         layout_visual_tokens(s.model, {**inputs, "image_grid_thw": torch.tensor([[1, 4, 4]])})
     with pytest.raises(LatentLensError, match="no 'image_grid_thw'"):
         layout_visual_tokens(s.model, {k: v for k, v in inputs.items() if k != "image_grid_thw"})
+
+
+def test_explain_video_library_and_command(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from latentlens.cli import main as cli
+    from latentlens.explain import explain_video
+    from latentlens.extract import build_index
+    from latentlens.vlm import DEFAULT_VIDEO_PROMPT, load_frames, video_token_states
+    from tests.tiny import SENTENCES
+
+    s = build("qwen2_vl")
+    bank = tmp_path / "bank"
+    index = build_index(
+        "tiny-qwen2-vl",
+        SENTENCES[:12],
+        layers=[1, 2],
+        model=s.model,
+        tokenizer=s.processor.tokenizer,
+        show_progress=False,
+        output_dir=bank,
+    )
+    frames = [noise(48, 32, 20 + i) for i in range(4)]
+    gif = tmp_path / "clip.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    loaded = load_frames(gif)
+    assert len(loaded) == 4 and loaded[0].size == (48, 32)
+
+    ex = explain_video(s.model, s.processor, loaded, index, [1, 2], top_k=3, num_patches=3)
+    doc = ex.to_dict()
+    assert doc["family"] == "qwen2_vl" and doc["num_frames"] == 4
+    assert [g["frame"] for g in doc["grids"]] == [0, 2]
+    patches = doc["layers"]["2"]["patches"]
+    assert len(patches) == len(ex.addresses) and {p["frame"] for p in patches} == {0, 2}
+    seen = video_token_states(s.model, s.processor, loaded, [2], prompt=DEFAULT_VIDEO_PROMPT)
+    for p in patches[::7]:
+        i = [a.sequence_position for a in seen.addresses].index(p["sequence_position"])
+        want = brute_force(index, seen.states[2][i], 3)
+        assert [n["caption"] for n in p["nearest_contextual_neighbors"]] == [w[1] for w in want]
+    assert "frames 0-1" in ex.table()
+
+    model_dir = tmp_path / "model"
+    s.model.save_pretrained(model_dir)
+    s.processor.save_pretrained(model_dir)
+    out = tmp_path / "strip.png"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "explain-video",
+            str(gif),
+            "--model",
+            str(model_dir),
+            "--bank",
+            str(bank),
+            "--layers",
+            "1,2",
+            "--out",
+            str(out),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert Image.open(out).size[0] > 300
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["num_frames"] == 4 and len(data["layers"]["1"]["patches"]) == len(ex.addresses)
+    # a family without video is told so
+    res = CliRunner().invoke(cli, ["explain-video", str(gif), "--model", str(tmp_path / "nope")])
+    assert res.exit_code != 0
+
+
+def test_video_on_a_family_without_video_is_refused():
+    from latentlens.errors import LatentLensError
+    from latentlens.vlm import video_token_states
+
+    s = build("llava")
+    with pytest.raises(LatentLensError, match="takes no video"):
+        video_token_states(s.model, s.processor, [noise(16, 16)] * 2, [1])
