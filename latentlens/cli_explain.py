@@ -259,6 +259,14 @@ def explain_image_command(
     flag_value="",
     help="Also write JSON: every visual token (optional path).",
 )
+@click.option(
+    "--html",
+    "html_path",
+    default=None,
+    is_flag=False,
+    flag_value="",
+    help="Also write the HTML explorer with a frame slider (optional path).",
+)
 def explain_video_command(
     video,
     model,
@@ -273,6 +281,7 @@ def explain_video_command(
     dtype,
     out,
     json_path,
+    html_path,
 ) -> None:
     """Explain what each visual token of a VIDEO means, frame by frame.
 
@@ -280,7 +289,8 @@ def explain_video_command(
     GIF/WebP, a folder of frames, or several frame images. Every visual token is addressed
     by its temporal group (the frames merged into it), row and column; its hidden state at
     the query layers is searched in the bank. Prints a table, writes a PNG strip (one panel
-    per temporal group) and, with --json, every token with its neighbours.
+    per temporal group) and, with --json, every token with its neighbours; --html an
+    explorer page with a slider over the temporal groups.
     """
     import torch
 
@@ -288,6 +298,7 @@ def explain_video_command(
     from latentlens.explain import explain_video
     from latentlens.index import ContextualIndex
     from latentlens.models.loading import default_compute_dtype, load_model, load_processor
+    from latentlens.viz.html import video_explorer_html
     from latentlens.viz.video import video_strip
     from latentlens.vlm import load_frames
 
@@ -324,6 +335,10 @@ def explain_video_command(
             jp = Path(json_path) if json_path else png.with_suffix(".json")
             jp.write_text(json.dumps(ex.to_dict(), ensure_ascii=False))
             click.echo(f"wrote {jp}", err=True)
+        if html_path is not None:
+            hp = Path(html_path) if html_path else png.with_suffix(".html")
+            hp.write_text(video_explorer_html(ex), encoding="utf-8")
+            click.echo(f"wrote {hp}", err=True)
     except (LatentLensError, ValueError, OSError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)

@@ -303,6 +303,7 @@ def test_explain_video_library_and_command(tmp_path):
             "--out",
             str(out),
             "--json",
+            "--html",
             "--device",
             "cpu",
         ],
@@ -311,6 +312,15 @@ def test_explain_video_library_and_command(tmp_path):
     assert Image.open(out).size[0] > 300
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["num_frames"] == 4 and len(data["layers"]["1"]["patches"]) == len(ex.addresses)
+    assert out.with_suffix(".html").exists(), res.output
+    page = out.with_suffix(".html").read_text()
+    assert 'type="range"' in page and 'max="1"' in page  # two temporal groups
+    payload = json.loads(page.split('type="application/json">')[1].split("</script>")[0])
+    assert [g["frames"] for g in payload["groups"]] == [[0, 1], [2, 3]]
+    assert len(payload["images"]) == 2 and len(payload["tokens"]) == len(ex.addresses)
+    assert sorted(t for g in payload["groups"] for t in g["tokens"]) == list(
+        range(len(ex.addresses))
+    )
     # a family without video is told so
     res = CliRunner().invoke(cli, ["explain-video", str(gif), "--model", str(tmp_path / "nope")])
     assert res.exit_code != 0

@@ -13,7 +13,7 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from latentlens.results import ImageExplanation
+    from latentlens.results import ImageExplanation, VideoExplanation
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -120,6 +120,140 @@ def explorer_html(ex: ImageExplanation, display_size: int = 512) -> str:
         "__DATA__": payload,
     }
     page = _PAGE
+    for key, value in subs.items():
+        page = page.replace(key, value)
+    return page
+
+
+_VIDEO_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>latentlens — __TITLE__</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:16px;color:#222;display:flex;gap:24px;align-items:flex-start}
+#wrap{position:relative;width:__SIZE__px;flex:none}
+#wrap img{width:100%;display:block}
+#grid{position:absolute;inset:0;display:grid}
+.cell{border:1px solid rgba(255,255,255,.25)}
+.cell:hover,.cell.sel{outline:2px solid #ff0;z-index:1}
+.cell.hl{border:2px solid red}
+table.layer{border-collapse:collapse;margin:6px 0 14px}
+table.layer td,table.layer th{padding:2px 8px;text-align:left;vertical-align:top}
+.sim{font-variant-numeric:tabular-nums;color:#555}.tok{font-family:monospace}.cap{color:#444;max-width:560px}
+.cap b{color:#b00}
+</style></head><body>
+<div><div id="wrap"><img id="frame" alt="video frame"><div id="grid"></div></div>
+<p><label>temporal group <input id="slider" type="range" min="0" max="__LAST__" value="0"></label>
+<span id="frames"></span></p><p>__CAPTION__</p></div>
+<div id="panel"><h2 id="title">hover a token</h2><div id="tables"></div></div>
+<script id="data" type="application/json">__DATA__</script>
+<script>
+const D = JSON.parse(document.getElementById('data').textContent);
+const grid = document.getElementById('grid'), img = document.getElementById('frame');
+let pinned = null;
+function esc(s){return s.replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
+function show(t){
+  const a = D.tokens[t];
+  document.getElementById('title').textContent =
+    `token ${t}: frames ${a[0]}-${a[1]}, row ${a[2]}, col ${a[3]} (position ${a[4]})`;
+  let out = '';
+  for (const layer of D.layers){
+    out += `<table class="layer"><tr><th colspan="4">layer ${layer}</th></tr>`;
+    for (const n of D.neighbors[layer][t]){
+      out += `<tr><td class="sim">${n[1].toFixed(3)}</td><td class="tok">${esc(JSON.stringify(n[0]))}</td>`+
+             `<td>L${n[2]}</td><td class="cap">${esc(D.captions[n[3]])}</td></tr>`;
+    }
+    out += '</table>';
+  }
+  document.getElementById('tables').innerHTML = out;
+}
+function group(g){
+  const G = D.groups[g];
+  img.src = 'data:image/png;base64,' + D.images[g];
+  document.getElementById('frames').textContent = `frames ${G.frames[0]}-${G.frames[1]}`;
+  grid.style.gridTemplateColumns = `repeat(${G.grid[1]},1fr)`;
+  grid.style.gridTemplateRows = `repeat(${G.grid[0]},1fr)`;
+  grid.innerHTML = ''; pinned = null;
+  for (const t of G.tokens){
+    const d = document.createElement('div');
+    d.className = 'cell' + (D.highlighted.includes(t) ? ' hl' : '');
+    d.dataset.token = t;
+    d.addEventListener('mouseenter', () => { if (pinned === null) show(t); });
+    d.addEventListener('click', () => {
+      grid.querySelectorAll('.sel').forEach(e => e.classList.remove('sel'));
+      pinned = (pinned === t) ? null : t;
+      if (pinned !== null){ d.classList.add('sel'); show(t); }
+    });
+    grid.appendChild(d);
+  }
+  show(G.tokens[0]);
+}
+document.getElementById('slider').addEventListener('input', e => group(+e.target.value));
+group(0);
+document.body.dataset.ready = 'yes';
+</script></body></html>
+"""
+
+
+def video_explorer_html(ex: VideoExplanation, display_size: int = 512) -> str:
+    """The explorer page for a :class:`~latentlens.results.VideoExplanation`: a slider over
+    the temporal groups, each group's first frame with its token grid, neighbours on hover."""
+    captions: dict[str, int] = {}
+    neighbors = {
+        str(layer): [
+            [
+                [
+                    n.token_str,
+                    round(n.similarity, 4),
+                    n.contextual_layer,
+                    captions.setdefault(n.caption, len(captions)),
+                ]
+                for n in token
+            ]
+            for token in ex.neighbors[layer]
+        ]
+        for layer in ex.layers
+    }
+    groups, images = [], []
+    for first in ex.groups:
+        members = [i for i, a in enumerate(ex.addresses) if a.frame == first]
+        members.sort(key=lambda i: (ex.addresses[i].row, ex.addresses[i].col))
+        a0 = ex.addresses[members[0]]
+        shape = (
+            max(ex.addresses[i].row for i in members) + 1,
+            max(ex.addresses[i].col for i in members) + 1,
+        )
+        groups.append(
+            {"frames": list(a0.frames or (first, first)), "grid": list(shape), "tokens": members}
+        )
+        frame = ex.frames[first]
+        h = round(display_size * frame.height / frame.width)
+        buf = io.BytesIO()
+        frame.resize((display_size, h)).save(buf, format="PNG")
+        images.append(base64.b64encode(buf.getvalue()).decode())
+    data = {
+        "layers": [str(x) for x in ex.layers],
+        "highlighted": ex.patches,
+        "captions": list(captions),
+        "neighbors": neighbors,
+        "groups": groups,
+        "images": images,
+        "tokens": [
+            [*(a.frames or (a.frame, a.frame)), a.row, a.col, a.sequence_position]
+            for a in ex.addresses
+        ],
+    }
+    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    subs = {
+        "__TITLE__": html.escape(ex.video_name or "video"),
+        "__SIZE__": str(display_size),
+        "__LAST__": str(len(groups) - 1),
+        "__CAPTION__": html.escape(
+            f"{ex.model_name or 'model'} · bank {ex.bank_name or '?'} · top-{ex.top_k} · "
+            f"{len(ex.frames)} frames · {len(ex.addresses)} visual tokens"
+        ),
+        "__DATA__": payload,
+    }
+    page = _VIDEO_PAGE
     for key, value in subs.items():
         page = page.replace(key, value)
     return page
