@@ -11,6 +11,7 @@ located and reported apart from the grid. The per-family facts live in
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -523,6 +524,96 @@ class _SquashView:
     size = None
 
 
+def _tiles(
+    model: Any,
+    name: str,
+    family: VisualFamily,
+    ids: torch.Tensor,
+    types: torch.Tensor | None,
+    processor: Any,
+    sizes: Sequence[tuple[int, int] | None],
+) -> VisualLayout:
+    tok = getattr(processor, "tokenizer", processor)
+    if not hasattr(tok, "convert_ids_to_tokens"):
+        raise LatentLensError(f"{name}: the processor's tokenizer is needed to read tile markers")
+    pos = _positions(model, family, ids, types, 1)
+    if pos.numel() == 0:
+        raise LatentLensError(f"{name}: no image tokens in the sequence: was the image passed?")
+    mask = torch.zeros(ids.numel(), dtype=torch.bool)
+    mask[pos] = True
+    runs = _runs(mask)
+    tile_re = re.compile(family.tile_marker or r"(?!)")
+    layout = VisualLayout(name, [])
+    image, pending = 0, []  # runs of the current image: (crop, (row, col) | None, start, stop)
+    previous = 0
+    for start, stop in runs:
+        gap = tok.convert_ids_to_tokens(ids[previous:start].tolist())
+        text = "".join(gap)
+        for q, piece in zip(range(previous, start), gap, strict=True):
+            if piece.startswith("<") and piece.endswith(">") and len(piece) > 2:
+                layout.separators.append(Separator(q, piece, image))
+        m = tile_re.search(text)
+        if m is not None:
+            pending.append(
+                (
+                    f"tile {int(m[1]) - 1},{int(m[2]) - 1}",
+                    (int(m[1]) - 1, int(m[2]) - 1),
+                    start,
+                    stop,
+                )
+            )
+        elif family.global_marker and family.global_marker in text:
+            pending.append(("global", None, start, stop))
+            _add_tiled_image(layout, name, image, pending, sizes)
+            image, pending = image + 1, []
+        else:
+            raise LatentLensError(
+                f"{name}: a run of image tokens at position {start} follows no tile marker "
+                f"({family.tile_marker!r} or {family.global_marker!r}) but {text[-80:]!r}"
+            )
+        previous = stop
+    if pending:
+        raise LatentLensError(f"{name}: the last image's tiles have no global image after them")
+    tail = tok.convert_ids_to_tokens(ids[previous:].tolist())
+    for q, piece in zip(range(previous, ids.numel()), tail, strict=True):
+        if piece == "<fake_token_around_image>":
+            layout.separators.append(Separator(q, piece, image - 1))
+    return layout
+
+
+def _add_tiled_image(
+    layout: VisualLayout,
+    name: str,
+    image: int,
+    runs: list[tuple[str, tuple[int, int] | None, int, int]],
+    sizes: Sequence[tuple[int, int] | None],
+) -> None:
+    tiles = [rc for _, rc, _, _ in runs if rc is not None]
+    rows = max((r for r, _ in tiles), default=-1) + 1
+    cols = max((c for _, c in tiles), default=-1) + 1
+    if len(tiles) != rows * cols:
+        raise LatentLensError(f"{name}: image {image} has {len(tiles)} tiles, not {rows}×{cols}")
+    orig = sizes[image] if image < len(sizes) else None
+    for crop, rc, start, stop in runs:
+        n = stop - start
+        side = math.isqrt(n)
+        if side * side != n:
+            raise LatentLensError(f"{name}: image {image}, {crop}: {n} tokens, not a square grid")
+        layout.grids.append(CropGrid(image, crop, (side, side)))
+        for j in range(n):
+            r, c = divmod(j, side)
+            box = None
+            if orig is not None:
+                w, h = orig
+                if rc is None:  # the thumbnail: the whole image squashed
+                    box = (w * c / side, h * r / side, w * (c + 1) / side, h * (r + 1) / side)
+                else:  # tile (i, k) of the image squashed to rows × cols tiles
+                    tw, th = w / cols, h / rows
+                    x0, y0 = rc[1] * tw + tw * c / side, rc[0] * th + th * r / side
+                    box = (x0, y0, x0 + tw / side, y0 + th / side)
+            layout.tokens.append(TokenAddress(start + j, image, r, c, crop=crop, pixel_box=box))
+
+
 def layout_visual_tokens(
     model: Any,
     inputs: Mapping[str, Any],
@@ -573,4 +664,6 @@ def layout_visual_tokens(
         return _square(model, name, family, ids, types, processor, image_sizes)
     if family.layout == "row_break":
         return _row_break(model, name, family, ids, types, processor, image_sizes)
+    if family.layout == "tiles":
+        return _tiles(model, name, family, ids, types, processor, image_sizes)
     return _anyres(model, name, family, ids, types, inputs, processor, image_sizes)

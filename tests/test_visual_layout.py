@@ -333,3 +333,26 @@ def test_video_on_a_family_without_video_is_refused():
     s = build("llava")
     with pytest.raises(LatentLensError, match="takes no video"):
         video_token_states(s.model, s.processor, [noise(16, 16)] * 2, [1])
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_tile_markers_name_each_tile_and_are_reported(family: str):
+    s = build(family)
+    image = noise(64, 40, 1)  # split into 2 × 3 tiles of 16 px after resizing to 48 × 32
+    inputs = encode(s, [image])
+    layout = layout_visual_tokens(s.model, inputs, s.processor, image_sizes=[image.size])
+    crops = [g.crop for g in layout.grids]
+    assert crops == [f"tile {r},{c}" for r in range(2) for c in range(3)] + ["global"]
+    tok = s.processor.tokenizer
+    kinds = [sep.kind for sep in layout.separators]
+    assert kinds.count("<global-img>") == 1 and "<row_2_col_3>" in kinds
+    for sep in layout.separators:  # each reported marker is that token
+        assert (
+            tok.convert_ids_to_tokens(int(inputs["input_ids"][0, sep.sequence_position]))
+            == sep.kind
+        )
+    # a tile covers its sixth of the image; the thumbnail covers it all
+    t = layout.find(0, 1, 1, crop="tile 1,2")
+    assert t.pixel_box == pytest.approx((64 * 5 / 6, 40 * 3 / 4, 64, 40))
+    g = layout.find(0, 0, 0, crop="global")
+    assert g.pixel_box == pytest.approx((0, 0, 32, 20))

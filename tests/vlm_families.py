@@ -371,7 +371,48 @@ def _vipllava() -> Subject:
     return Subject("vipllava", model, s.processor, s.prompt)
 
 
+_MARKERS = ["<image>", "<fake_token_around_image>", "<global-img>"] + [
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+]
+
+
+def _idefics3(family: str) -> Subject:
+    if family == "idefics3":
+        from transformers import Idefics3ImageProcessor as Images
+        from transformers import Idefics3Processor as Proc
+    else:
+        from transformers import SmolVLMImageProcessor as Images
+        from transformers import SmolVLMProcessor as Proc
+    tok = _tokenizer(_MARKERS)
+    ip = Images(
+        size={"longest_edge": 48}, max_image_size={"longest_edge": 16}, do_image_splitting=True
+    )
+    kwargs: dict[str, Any] = {}
+    if family == "smolvlm":
+        from transformers import SmolVLMVideoProcessor
+
+        kwargs["video_processor"] = SmolVLMVideoProcessor()
+    proc = Proc(image_processor=ip, tokenizer=tok, image_seq_len=4, **kwargs)
+    model = _model(
+        family,
+        text_config={"model_type": "llama", **_TEXT, "vocab_size": len(tok)},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "image_size": 16,
+            "patch_size": 4,
+        },
+        image_token_id=_ids(tok, ["<image>"])[0],
+        scale_factor=2,
+    )
+    return Subject(family, model, proc, lambda n: "<image>" * n + "Describe.")
+
+
 BUILDERS.update(
+    idefics3=lambda: _idefics3("idefics3"),
+    smolvlm=lambda: _idefics3("smolvlm"),
     vipllava=_vipllava,
     qwen3_vl_moe=lambda: _qwen("qwen3_vl_moe"),
     qwen3_5=lambda: _qwen("qwen3_5"),
@@ -526,7 +567,7 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-NOT_YET = ("aya_vision", "glm4v", "idefics3", "internvl", "llama4", "llava_next_video", "smolvlm")
+NOT_YET = ("aya_vision", "glm4v", "internvl", "llama4", "llava_next_video")
 
 
 def main() -> None:

@@ -14,6 +14,10 @@ addresses themselves are computed in :mod:`latentlens.visual_layout`. Layouts:
 - ``anyres``: LLaVA-NeXT's base image (an ``s × s`` grid of the squashed image, named
   ``global``) then the high-resolution crops merged into one unpadded grid (``high-res``)
   with an ``image_newline`` token after each of its rows.
+- ``tiles``: the image cut into ``rows × cols`` tiles (``tile i,j``, the image squashed
+  to a whole number of tiles) and a squashed thumbnail (``global``), each an ``s × s``
+  grid in its own run of image tokens; marker text tokens before each run name the tile
+  (Idefics3 / SmolVLM: ``<row_i_col_j>``, ``<global-img>``) and are reported.
 
 Every fact here was checked on transformers 5.24 against tiny models of the real classes
 (``tests/test_visual_layout.py``: perturbing one region's pixels moves the token we name).
@@ -27,7 +31,7 @@ from typing import Any, Literal
 
 from latentlens.errors import UnsupportedArchitectureError
 
-Layout = Literal["grid_thw", "square", "row_break", "anyres"]
+Layout = Literal["grid_thw", "square", "row_break", "anyres", "tiles"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class VisualFamily:
         patch_size_attr: config key of the encoder's patch size.
         separators: processor attributes naming separator tokens (``row_break``), reported
             and kept out of the patch grid.
+        tile_marker, global_marker: the text before a tile's run (a regex with the row and
+            column, 1-based) and before the thumbnail's (``tiles``).
         video: whether the family takes videos through its processor.
         notes: anything worth knowing.
     """
@@ -57,6 +63,8 @@ class VisualFamily:
     tokens_per_image_attr: str | None = None
     patch_size_attr: str = "vision_config.patch_size"
     separators: tuple[str, ...] = ()
+    tile_marker: str | None = None
+    global_marker: str | None = None
     video: bool = False
     notes: str = ""
 
@@ -70,6 +78,12 @@ _QWEN = VisualFamily(
 )
 _LLAVA = VisualFamily(layout="square", image_token_attr="image_token_index")
 _ANYRES = VisualFamily(layout="anyres", image_token_attr="image_token_index")
+_TILES = VisualFamily(
+    layout="tiles",
+    tile_marker=r"<row_(\d+)_col_(\d+)>",
+    global_marker="<global-img>",
+    notes="Image splitting: rows × cols tiles of max_image_size, then the global image.",
+)
 
 VISUAL_FAMILIES: dict[str, VisualFamily] = {
     "qwen2_vl": _QWEN,
@@ -99,6 +113,8 @@ VISUAL_FAMILIES: dict[str, VisualFamily] = {
     "llava_onevision": dataclasses.replace(
         _ANYRES, notes="Images as LLaVA-NeXT (anyres_max); videos are not addressed yet."
     ),
+    "idefics3": _TILES,
+    "smolvlm": _TILES,
 }
 """``config.model_type`` → :class:`VisualFamily`."""
 
