@@ -550,7 +550,7 @@ def _tiles(
         gap = tok.convert_ids_to_tokens(ids[previous:start].tolist())
         text = "".join(gap)
         for q, piece in zip(range(previous, start), gap, strict=True):
-            if piece.startswith("<") and piece.endswith(">") and len(piece) > 2:
+            if _is_marker(family, tile_re, piece):
                 layout.separators.append(Separator(q, piece, image))
         m = tile_re.search(text)
         if m is not None:
@@ -576,9 +576,19 @@ def _tiles(
         raise LatentLensError(f"{name}: the last image's tiles have no global image after them")
     tail = tok.convert_ids_to_tokens(ids[previous:].tolist())
     for q, piece in zip(range(previous, ids.numel()), tail, strict=True):
-        if piece == "<fake_token_around_image>":
+        if piece in family.marker_tokens:  # the closing marker of the last image
             layout.separators.append(Separator(q, piece, image - 1))
+        else:
+            break
     return layout
+
+
+def _is_marker(family: VisualFamily, tile_re: re.Pattern[str], piece: str) -> bool:
+    return (
+        piece in family.marker_tokens
+        or piece == family.global_marker
+        or tile_re.fullmatch(piece) is not None
+    )
 
 
 def _add_tiled_image(

@@ -164,7 +164,9 @@ def _qwen(family: str) -> Subject:
     sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
     proc = Proc(image_processor=ip, tokenizer=tok, video_processor=Video(**sizes))
     if family in ("qwen3_vl_moe", "qwen3_5_moe"):
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+        text.update(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1
+        )
     model = _model(
         family,
         text_config=text,
@@ -512,6 +514,14 @@ def _video_ok(s: Subject) -> bool:
     return True
 
 
+def _kind(name: str) -> str:
+    """A crop or separator name with its numbers generalised (``tile 0,1`` → ``tile i,j``)."""
+    import re
+
+    name = re.sub(r"tile \d+,\d+", "tile i,j", name)
+    return re.sub(r"<row_\d+_col_\d+>", "<row_i_col_j>", name)
+
+
 def probe(family: str) -> dict[str, str]:
     """What works for one family: each cell checked from the pixels as the tests do."""
     s = build(family)
@@ -524,10 +534,10 @@ def probe(family: str) -> dict[str, str]:
         ok = all(most_moved(s, images, t) == t for t in _picks(layout))
         cells[name] = "✓" if ok else "✗"
         if name == "image":
-            crops = sorted({g.crop for g in layout.grids if g.crop})
+            crops = sorted({_kind(g.crop) for g in layout.grids if g.crop})
             cells["crops"] = ", ".join(crops) if crops else "one grid"
-            kinds = sorted({sep.kind for sep in layout.separators})
-            cells["separators"] = ", ".join(kinds) if kinds else "—"
+            kinds = sorted({_kind(sep.kind) for sep in layout.separators})
+            cells["separators"] = ", ".join(f"`{k}`" for k in kinds) if kinds else "—"
     cells["video"] = ("✓" if _video_ok(s) else "✗") if s.video_prompt else "—"
     return cells
 

@@ -51,6 +51,7 @@ class VisualFamily:
             and kept out of the patch grid.
         tile_marker, global_marker: the text before a tile's run (a regex with the row and
             column, 1-based) and before the thumbnail's (``tiles``).
+        marker_tokens: other tokens around the runs that are reported (``tiles``).
         video: whether the family takes videos through its processor.
         notes: anything worth knowing.
     """
@@ -65,6 +66,7 @@ class VisualFamily:
     separators: tuple[str, ...] = ()
     tile_marker: str | None = None
     global_marker: str | None = None
+    marker_tokens: tuple[str, ...] = ()
     video: bool = False
     notes: str = ""
 
@@ -82,6 +84,7 @@ _TILES = VisualFamily(
     layout="tiles",
     tile_marker=r"<row_(\d+)_col_(\d+)>",
     global_marker="<global-img>",
+    marker_tokens=("<fake_token_around_image>",),
     notes="Image splitting: rows × cols tiles of max_image_size, then the global image.",
 )
 
