@@ -201,36 +201,14 @@ def test_the_compatibility_matrix_is_the_one_this_run_produces():
 
 
 def test_a_family_without_known_geometry_is_refused_by_name():
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     from latentlens.errors import UnsupportedArchitectureError
 
-    config = AutoConfig.for_model(
-        "idefics3",
-        text_config={
-            "model_type": "llama",
-            "vocab_size": 160,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 4,
-            "image_size": 16,
-            "patch_size": 4,
-        },
-        image_token_id=120,
-        scale_factor=2,
-    )
-    model = AutoModelForImageTextToText.from_config(config)
+    config = AutoConfig.for_model("fuyu")  # patches projected straight into the LM
     ids = torch.tensor([[1, 120, 120, 120, 120, 5]])
-    with pytest.raises(UnsupportedArchitectureError, match="'idefics3'.*not known"):
-        layout_visual_tokens(model, {"input_ids": ids})
+    with pytest.raises(UnsupportedArchitectureError, match="'fuyu'.*not known"):
+        layout_visual_tokens(config, {"input_ids": ids})
 
 
 def test_inputs_that_do_not_match_the_layout_are_refused():
