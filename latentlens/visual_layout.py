@@ -624,6 +624,70 @@ def _add_tiled_image(
             layout.tokens.append(TokenAddress(start + j, image, r, c, crop=crop, pixel_box=box))
 
 
+def _canvas(
+    model: Any,
+    name: str,
+    family: VisualFamily,
+    ids: torch.Tensor,
+    types: torch.Tensor | None,
+    processor: Any,
+    sizes: Sequence[tuple[int, int] | None],
+) -> VisualLayout:
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    pos = _positions(model, family, ids, types, 1)
+    if pos.numel() == 0:
+        raise LatentLensError(f"{name}: no image tokens in the sequence: was the image passed?")
+    per_tile = getattr(processor, "image_seq_length", None)
+    ip = getattr(processor, "image_processor", None)
+    if not isinstance(per_tile, int) or ip is None:
+        raise LatentLensError(
+            f"{name}: the processor's image_seq_length and image processor are needed"
+        )
+    tile = _size_dict(ip, "size")
+    tok = getattr(processor, "tokenizer", None)
+    mask = torch.zeros(ids.numel(), dtype=torch.bool)
+    mask[pos] = True
+    layout = VisualLayout(name, [])
+    for i, (start, stop) in enumerate(_runs(mask)):
+        for q in (start - 1, stop):  # the markers around the run
+            if tok is not None and 0 <= q < ids.numel():
+                piece = tok.convert_ids_to_tokens(int(ids[q]))
+                if piece in family.marker_tokens:
+                    layout.separators.append(Separator(q, piece, i))
+        n_tiles, rest = divmod(stop - start, per_tile)
+        side = math.isqrt(per_tile)
+        if rest or side * side != per_tile:
+            raise LatentLensError(
+                f"{name}: image {i} has {stop - start} tokens, not tiles of {per_tile}"
+            )
+        orig = sizes[i] if i < len(sizes) else None
+        if n_tiles == 1:
+            runs = [(None, None)]
+        else:
+            if orig is None:
+                raise LatentLensError(
+                    f"{name}: the original image size is needed to find the tiling"
+                )
+            w, h = orig
+            cols, rows = get_optimal_tiled_canvas(
+                (h, w), (tile["height"], tile["width"]), ip.min_patches, ip.max_patches
+            )
+            if rows * cols + 1 != n_tiles:
+                raise LatentLensError(
+                    f"{name}: image {i} has {n_tiles} tiles; its {rows}×{cols} canvas and a "
+                    f"thumbnail would make {rows * cols + 1}"
+                )
+            runs = [(f"tile {r},{c}", (r, c)) for r in range(rows) for c in range(cols)]
+            runs.append(("global", None))
+        tiles = [
+            (crop, rc, start + k * per_tile, start + (k + 1) * per_tile)
+            for k, (crop, rc) in enumerate(runs)
+        ]
+        _add_tiled_image(layout, name, i, tiles, sizes)
+    return layout
+
+
 def layout_visual_tokens(
     model: Any,
     inputs: Mapping[str, Any],
@@ -676,4 +740,6 @@ def layout_visual_tokens(
         return _row_break(model, name, family, ids, types, processor, image_sizes)
     if family.layout == "tiles":
         return _tiles(model, name, family, ids, types, processor, image_sizes)
+    if family.layout == "canvas":
+        return _canvas(model, name, family, ids, types, processor, image_sizes)
     return _anyres(model, name, family, ids, types, inputs, processor, image_sizes)

@@ -334,3 +334,17 @@ def test_tile_markers_name_each_tile_and_are_reported(family: str):
     assert t.pixel_box == pytest.approx((64 * 5 / 6, 40 * 3 / 4, 64, 40))
     g = layout.find(0, 0, 0, crop="global")
     assert g.pixel_box == pytest.approx((0, 0, 32, 20))
+
+
+def test_internvl_tiles_follow_the_canvas_and_end_with_the_thumbnail():
+    s = build("internvl")
+    wide, small = noise(64, 40, 1), noise(16, 16, 2)  # 3 × 2 tiles + thumbnail; one tile
+    inputs = encode(s, [wide, small])
+    layout = layout_visual_tokens(s.model, inputs, s.processor, image_sizes=[wide.size, small.size])
+    crops = [(g.image_index, g.crop) for g in layout.grids]
+    tiles = [(0, f"tile {r},{c}") for r in range(2) for c in range(3)]
+    assert crops == tiles + [(0, "global"), (1, None)]
+    assert [sep.kind for sep in layout.separators] == ["<img>", "</img>"] * 2
+    assert layout.find(0, 0, 0, crop="tile 1,2").pixel_box == pytest.approx(
+        (64 * 2 / 3, 20, 64 * 2 / 3 + 64 / 6, 30)
+    )

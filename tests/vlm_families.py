@@ -412,7 +412,45 @@ def _idefics3(family: str) -> Subject:
     return Subject(family, model, proc, lambda n: "<image>" * n + "Describe.")
 
 
+def _internvl() -> Subject:
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    names = ["<IMG_CONTEXT>", "<img>", "</img>", "<video>"]
+    tok = _tokenizer(names)
+    ctx, start, end, video = _ids(tok, names)
+    tok.context_image_token, tok.start_image_token, tok.end_image_token = names[:3]
+    tok.video_token = names[3]
+    tok.context_image_token_id, tok.start_image_token_id, tok.end_image_token_id = ctx, start, end
+    tok.video_token_id = video
+    size = {"height": 16, "width": 16}
+    ip = GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=6)
+    proc = InternVLProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=4,
+    )
+    model = _model(
+        "internvl",
+        text_config={"model_type": "qwen2", **_TEXT},
+        vision_config=dict(
+            model_type="internvl_vision",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=[16, 16],
+            patch_size=[4, 4],
+        ),
+        image_token_id=ctx,
+        downsample_ratio=0.5,
+    )
+    return Subject("internvl", model, proc, lambda n: "<IMG_CONTEXT> " * n + "Describe.")
+
+
 BUILDERS.update(
+    internvl=_internvl,
     idefics3=lambda: _idefics3("idefics3"),
     smolvlm=lambda: _idefics3("smolvlm"),
     vipllava=_vipllava,
@@ -577,7 +615,7 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-NOT_YET = ("aya_vision", "glm4v", "internvl", "llama4", "llava_next_video")
+NOT_YET = ("aya_vision", "glm4v", "llama4", "llava_next_video")
 
 
 def main() -> None:

@@ -18,6 +18,9 @@ addresses themselves are computed in :mod:`latentlens.visual_layout`. Layouts:
   to a whole number of tiles) and a squashed thumbnail (``global``), each an ``s × s``
   grid in its own run of image tokens; marker text tokens before each run name the tile
   (Idefics3 / SmolVLM: ``<row_i_col_j>``, ``<global-img>``) and are reported.
+- ``canvas``: one run per image of ``k · s²`` tokens: the ``rows × cols`` tiles of the
+  processor's best-fitting canvas (GOT-OCR2's tiling, recomputed from the image size)
+  row-major, then the thumbnail (``global``) when there is more than one tile (InternVL).
 
 Every fact here was checked on transformers 5.24 against tiny models of the real classes
 (``tests/test_visual_layout.py``: perturbing one region's pixels moves the token we name).
@@ -31,7 +34,7 @@ from typing import Any, Literal
 
 from latentlens.errors import UnsupportedArchitectureError
 
-Layout = Literal["grid_thw", "square", "row_break", "anyres", "tiles"]
+Layout = Literal["grid_thw", "square", "row_break", "anyres", "tiles", "canvas"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,12 @@ VISUAL_FAMILIES: dict[str, VisualFamily] = {
         _ANYRES, notes="Images as LLaVA-NeXT (anyres_max); videos are not addressed yet."
     ),
     "idefics3": _TILES,
+    "internvl": VisualFamily(
+        layout="canvas",
+        marker_tokens=("<img>", "</img>"),
+        notes="Tiles of the canvas closest to the image's aspect (min/max_patches), then a "
+        "thumbnail; pixel-shuffled to image_seq_length tokens per tile.",
+    ),
     "smolvlm": _TILES,
 }
 """``config.model_type`` → :class:`VisualFamily`."""
