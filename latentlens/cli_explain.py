@@ -60,7 +60,10 @@ DEFAULT_BANK = "McGill-NLP/latentlens-qwen2vl-embeddings"
 @click.option("--seed", default=10, show_default=True, help="Seed of the patch sample.")
 @click.option("--top-k", default=5, show_default=True)
 @click.option(
-    "--size", default=448, show_default=True, help="Side of the square the image is resized to."
+    "--size",
+    default=448,
+    show_default=True,
+    help="Side of the square the image is centre-cropped and resized to (0: as it is).",
 )
 @click.option("--device", default=None, help="cuda / cpu (default: cuda if available).")
 @click.option(
