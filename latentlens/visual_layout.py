@@ -180,8 +180,10 @@ def square_view_boxes(image_processor: Any, original: tuple[int, int], side: int
 
 
 def _clip(box: Box, w: float, h: float) -> Box:
+    """The box inside the image (empty, on the border, when it lies wholly in padding)."""
     x0, y0, x1, y1 = box
-    return (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1))
+    x0, y0 = min(max(0.0, x0), float(w)), min(max(0.0, y0), float(h))
+    return (x0, y0, max(x0, min(float(w), x1)), max(y0, min(float(h), y1)))
 
 
 def _grid_boxes(rows: int, cols: int, w: float, h: float) -> list[Box]:
@@ -543,8 +545,10 @@ def _tiles(
     mask[pos] = True
     runs = _runs(mask)
     tile_re = re.compile(family.tile_marker or r"(?!)")
+    x_sep, y_sep = family.tile_separators or (None, None)
     layout = VisualLayout(name, [])
     image, pending = 0, []  # runs of the current image: (crop, (row, col) | None, start, stop)
+    row = col = 0  # the next tile, when separators (not markers) place the tiles
     previous = 0
     for start, stop in runs:
         gap = tok.convert_ids_to_tokens(ids[previous:start].tolist())
@@ -552,20 +556,23 @@ def _tiles(
         for q, piece in zip(range(previous, start), gap, strict=True):
             if _is_marker(family, tile_re, piece):
                 layout.separators.append(Separator(q, piece, image))
+            if pending and piece == x_sep:
+                col += 1
+            elif pending and piece == y_sep:
+                row, col = row + 1, 0
         m = tile_re.search(text)
-        if m is not None:
-            pending.append(
-                (
-                    f"tile {int(m[1]) - 1},{int(m[2]) - 1}",
-                    (int(m[1]) - 1, int(m[2]) - 1),
-                    start,
-                    stop,
-                )
-            )
-        elif family.global_marker and family.global_marker in text:
+        if family.global_marker and family.global_marker in text:
             pending.append(("global", None, start, stop))
-            _add_tiled_image(layout, name, image, pending, sizes)
-            image, pending = image + 1, []
+            pending = _place_numbered_tiles(name, image, pending, sizes, processor)
+            _add_tiled_image(layout, name, image, pending, sizes, family.tile_fit)
+            image, pending, row, col = image + 1, [], 0, 0
+        elif m is not None and len(m.groups()) == 1:  # a tile number: placed on the canvas later
+            pending.append(("", (-1, int(m[1]) - 1), start, stop))
+        elif m is not None:
+            r, c = int(m[1]) - 1, int(m[2]) - 1
+            pending.append((f"tile {r},{c}", (r, c), start, stop))
+        elif x_sep is not None:
+            pending.append((f"tile {row},{col}", (row, col), start, stop))
         else:
             raise LatentLensError(
                 f"{name}: a run of image tokens at position {start} follows no tile marker "
@@ -583,10 +590,48 @@ def _tiles(
     return layout
 
 
+def _place_numbered_tiles(
+    name: str,
+    image: int,
+    runs: list[tuple[str, tuple[int, int] | None, int, int]],
+    sizes: Sequence[tuple[int, int] | None],
+    processor: Any,
+) -> list[tuple[str, tuple[int, int] | None, int, int]]:
+    """Numbered tiles ``(-1, k)`` placed on GOT-OCR2's canvas for the image's size."""
+    numbered = [rc[1] for _, rc, _, _ in runs if rc is not None and rc[0] == -1]
+    if not numbered:
+        return runs
+    orig = sizes[image] if image < len(sizes) else None
+    ip = getattr(processor, "image_processor", None)
+    if orig is None or ip is None:
+        raise LatentLensError(
+            f"{name}: the original image size and the image processor are "
+            "needed to place numbered tiles"
+        )
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    tile = _size_dict(ip, "size")
+    cols, rows = get_optimal_tiled_canvas(
+        (orig[1], orig[0]), (tile["height"], tile["width"]), ip.min_patches, ip.max_patches
+    )
+    if sorted(numbered) != list(range(rows * cols)):
+        raise LatentLensError(
+            f"{name}: image {image} has tiles {numbered}, not a {rows}×{cols} canvas"
+        )
+    out = []
+    for crop, rc, start, stop in runs:
+        if rc is not None and rc[0] == -1:
+            r, c = divmod(rc[1], cols)
+            crop, rc = f"tile {r},{c}", (r, c)
+        out.append((crop, rc, start, stop))
+    return out
+
+
 def _is_marker(family: VisualFamily, tile_re: re.Pattern[str], piece: str) -> bool:
     return (
         piece in family.marker_tokens
         or piece == family.global_marker
+        or piece in (family.tile_separators or ())
         or tile_re.fullmatch(piece) is not None
     )
 
@@ -597,6 +642,7 @@ def _add_tiled_image(
     image: int,
     runs: list[tuple[str, tuple[int, int] | None, int, int]],
     sizes: Sequence[tuple[int, int] | None],
+    fit: str = "squash",
 ) -> None:
     tiles = [rc for _, rc, _, _ in runs if rc is not None]
     rows = max((r for r, _ in tiles), default=-1) + 1
@@ -617,6 +663,10 @@ def _add_tiled_image(
                 w, h = orig
                 if rc is None:  # the thumbnail: the whole image squashed
                     box = (w * c / side, h * r / side, w * (c + 1) / side, h * (r + 1) / side)
+                elif fit == "pad":  # tiles of a canvas the image fills from its top-left
+                    tw = th = 1.0 / min(cols / w, rows / h)  # original pixels per tile side
+                    x0, y0 = rc[1] * tw + tw * c / side, rc[0] * th + th * r / side
+                    box = _clip((x0, y0, x0 + tw / side, y0 + th / side), w, h)
                 else:  # tile (i, k) of the image squashed to rows × cols tiles
                     tw, th = w / cols, h / rows
                     x0, y0 = rc[1] * tw + tw * c / side, rc[0] * th + th * r / side
@@ -684,7 +734,7 @@ def _canvas(
             (crop, rc, start + k * per_tile, start + (k + 1) * per_tile)
             for k, (crop, rc) in enumerate(runs)
         ]
-        _add_tiled_image(layout, name, i, tiles, sizes)
+        _add_tiled_image(layout, name, i, tiles, sizes, family.tile_fit)
     return layout
 
 

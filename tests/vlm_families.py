@@ -449,7 +449,76 @@ def _internvl() -> Subject:
     return Subject("internvl", model, proc, lambda n: "<IMG_CONTEXT> " * n + "Describe.")
 
 
+_LLAMA4_TOKENS = [
+    "<|image|>",
+    "<|patch|>",
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+]
+
+
+def _llama4() -> Subject:
+    from transformers import Llama4ImageProcessorFast, Llama4Processor
+
+    tok = _tokenizer(_LLAMA4_TOKENS)
+    ip = Llama4ImageProcessorFast(size={"height": 16, "width": 16}, max_patches=6)
+    proc = Llama4Processor(image_processor=ip, tokenizer=tok, patch_size=4, pixel_shuffle_ratio=0.5)
+    model = _model(
+        "llama4",
+        text_config=dict(
+            vocab_size=160,
+            hidden_size=32,
+            intermediate_size=64,
+            intermediate_size_mlp=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=2,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=128,  # the pixel-shuffle MLP's input: 32 channels / 0.5²
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+            vision_output_dim=32,
+            projector_input_dim=32,
+            projector_output_dim=32,
+            pixel_shuffle_ratio=0.5,
+        ),
+        image_token_index=_ids(tok, ["<|patch|>"])[0],
+    )
+    return Subject("llama4", model, proc, lambda n: "<|image|> " * n + "Describe.")
+
+
+def _aya_vision() -> Subject:
+    from transformers import AyaVisionProcessor, GotOcr2ImageProcessor
+
+    names = ["<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "<|IMG_PATCH|>"]
+    tok = _tokenizer(names + [f"TILE_{i}" for i in range(1, 13)] + ["TILE_GLOBAL"])
+    ip = GotOcr2ImageProcessor(
+        size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1, max_patches=6
+    )
+    proc = AyaVisionProcessor(
+        image_processor=ip, tokenizer=tok, patch_size=4, img_size=16, downsample_factor=2
+    )
+    model = _model(
+        "aya_vision",
+        text_config={"model_type": "cohere2", **_TEXT, "vocab_size": len(tok)},
+        vision_config=_SIGLIP,
+        image_token_index=_ids(tok, ["<|IMG_PATCH|>"])[0],
+        downsample_factor=2,
+    )
+    return Subject("aya_vision", model, proc, lambda n: "<image> " * n + "Describe.")
+
+
 BUILDERS.update(
+    aya_vision=_aya_vision,
+    llama4=_llama4,
     internvl=_internvl,
     idefics3=lambda: _idefics3("idefics3"),
     smolvlm=lambda: _idefics3("smolvlm"),
@@ -615,7 +684,7 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-NOT_YET = ("aya_vision", "glm4v", "llama4", "llava_next_video")
+NOT_YET = ("glm4v", "llava_next_video")
 
 
 def main() -> None:

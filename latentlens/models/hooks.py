@@ -133,8 +133,19 @@ def capture(
             handle.remove()
 
 
-def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+def _to_device(
+    inputs: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Tensors moved to ``device``; pixel inputs also cast to the model's ``dtype`` (some
+    processors return bf16 pixels that a fp32 vision tower would refuse, and vice versa)."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if dtype is not None and k.startswith("pixel_values") and v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
 
 
 def _accepts(module: nn.Module, name: str) -> bool:
@@ -259,8 +270,8 @@ def get_hidden_states(
     n_layers = num_layers(model)
     wanted = validate_layers(range(n_layers + 1) if layers is None else layers, n_layers)
     runner = get_forward_module(model)
-    device = get_input_embeddings(model).weight.device
-    inputs = _to_device(inputs, device)
+    weight = get_input_embeddings(model).weight
+    inputs = _to_device(inputs, weight.device, weight.dtype)
     if _accepts(runner, "use_cache"):
         inputs["use_cache"] = False
     with torch.inference_mode(), capture(model, wanted, stop_early=True) as store:

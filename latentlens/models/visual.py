@@ -53,8 +53,14 @@ class VisualFamily:
         separators: processor attributes naming separator tokens (``row_break``), reported
             and kept out of the patch grid.
         tile_marker, global_marker: the text before a tile's run (a regex with the row and
-            column, 1-based) and before the thumbnail's (``tiles``).
+            column, 1-based, or with the tile's 1-based row-major number, the canvas then
+            recomputed from the image size) and before the thumbnail's (``tiles``).
         marker_tokens: other tokens around the runs that are reported (``tiles``).
+        tile_separators: ``(next column, next row)`` tokens between tile runs, when no
+            marker names the tile (Llama 4).
+        tile_fit: how the image fills its ``rows × cols`` tiles: ``squash`` (resized to
+            exactly that canvas) or ``pad`` (resized keeping its aspect, padded on the
+            right and bottom; Llama 4).
         video: whether the family takes videos through its processor.
         notes: anything worth knowing.
     """
@@ -70,6 +76,8 @@ class VisualFamily:
     tile_marker: str | None = None
     global_marker: str | None = None
     marker_tokens: tuple[str, ...] = ()
+    tile_separators: tuple[str, str] | None = None
+    tile_fit: Literal["squash", "pad"] = "squash"
     video: bool = False
     notes: str = ""
 
@@ -120,6 +128,25 @@ VISUAL_FAMILIES: dict[str, VisualFamily] = {
         _ANYRES, notes="Images as LLaVA-NeXT (anyres_max); videos are not addressed yet."
     ),
     "idefics3": _TILES,
+    "aya_vision": VisualFamily(
+        layout="tiles",
+        image_token_attr="image_token_index",
+        tile_marker=r"TILE_(\d+)",
+        global_marker="TILE_GLOBAL",
+        marker_tokens=("<|START_OF_IMG|>", "<|END_OF_IMG|>"),
+        notes="GOT-OCR2 tiling: TILE_k before the k-th tile (row-major), TILE_GLOBAL before "
+        "the thumbnail.",
+    ),
+    "llama4": VisualFamily(
+        layout="tiles",
+        image_token_attr="image_token_index",
+        global_marker="<|image|>",
+        tile_separators=("<|tile_x_separator|>", "<|tile_y_separator|>"),
+        tile_fit="pad",
+        marker_tokens=("<|image_start|>", "<|image_end|>"),
+        notes="Tiles separated by <|tile_x_separator|> within a row and "
+        "<|tile_y_separator|> after it, then <|image|> and the global tile.",
+    ),
     "internvl": VisualFamily(
         layout="canvas",
         marker_tokens=("<img>", "</img>"),
