@@ -626,6 +626,7 @@ def _kind(name: str) -> str:
     import re
 
     name = re.sub(r"tile \d+,\d+", "tile i,j", name)
+    name = re.sub(r"TILE_\d+", "TILE_k", name)
     return re.sub(r"<row_\d+_col_\d+>", "<row_i_col_j>", name)
 
 
@@ -644,7 +645,8 @@ def probe(family: str) -> dict[str, str]:
             crops = sorted({_kind(g.crop) for g in layout.grids if g.crop})
             cells["crops"] = ", ".join(crops) if crops else "one grid"
             kinds = sorted({_kind(sep.kind) for sep in layout.separators})
-            cells["separators"] = ", ".join(f"`{k}`" for k in kinds) if kinds else "—"
+            # a "|" inside a table cell must be escaped, even in code
+            cells["separators"] = ", ".join(f"`{k}`".replace("|", "\\|") for k in kinds) or "—"
     cells["video"] = ("✓" if _video_ok(s) else "✗") if s.video_prompt else "—"
     return cells
 
