@@ -100,7 +100,8 @@ def explain_video(
     """Run the VLM once on a video and search the bank with every visual token's state.
 
     Args:
-        model: a VLM that takes videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5).
+        model: a VLM that takes videos (Qwen2-VL/2.5-VL/3-VL, Qwen3.5, LLaVA-OneVision,
+            LLaVA-NeXT-Video).
         processor: its processor.
         frames: the video's frames (see :func:`latentlens.vlm.load_frames`).
         index: the contextual bank (built from this VLM's language model).

@@ -738,6 +738,46 @@ def _canvas(
     return layout
 
 
+def _pooled_frames(
+    model: Any,
+    name: str,
+    family: VisualFamily,
+    ids: torch.Tensor,
+    types: torch.Tensor | None,
+    inputs: Mapping[str, Any],
+    video_sizes: Sequence[tuple[int, int] | None],
+) -> VisualLayout:
+    """Videos of LLaVA-OneVision / LLaVA-NeXT-Video: per frame a pooled square grid of the
+    squashed frame, frames in order, then an optional ``image_newline``."""
+    pos = _positions(model, family, ids, types, 2).tolist()
+    pixels = _need(inputs, "pixel_values_videos", name)
+    n_frames = [int(pixels.shape[1])] * int(pixels.shape[0])  # [videos, frames, C, H, W]
+    layout = VisualLayout(name, [])
+    k = 0
+    for v, frames in enumerate(n_frames):
+        rest = len(pos) // len(n_frames) - int(family.video_newline)
+        per, bad = divmod(rest, frames)
+        side = math.isqrt(per)
+        if bad or side * side != per:
+            raise LatentLensError(
+                f"{name}: video {v} has {rest} tokens for {frames} frames, not a square grid each"
+            )
+        orig = video_sizes[v] if v < len(video_sizes) else None
+        boxes = _grid_boxes(side, side, *orig) if orig else None
+        for f in range(frames):
+            layout.grids.append(CropGrid(v, None, (side, side), f))
+            for j in range(per):
+                box = boxes[j] if boxes else None
+                layout.tokens.append(
+                    TokenAddress(pos[k], v, j // side, j % side, f, (f, f), None, box)
+                )
+                k += 1
+        if family.video_newline:
+            layout.separators.append(Separator(pos[k], "image_newline", v))
+            k += 1
+    return layout
+
+
 def layout_visual_tokens(
     model: Any,
     inputs: Mapping[str, Any],
@@ -771,6 +811,8 @@ def layout_visual_tokens(
     if types is not None:
         types = torch.as_tensor(types).cpu()
         types = types if types.ndim == 1 else types[batch_index]
+    if family.video_layout == "pooled_frames" and _positions(model, family, ids, types, 2).numel():
+        return _pooled_frames(model, name, family, ids, types, inputs, video_sizes)
     if family.layout == "grid_thw":
         return _grid_thw(
             model,

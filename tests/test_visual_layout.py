@@ -73,11 +73,13 @@ def test_painting_one_frame_moves_the_token_of_its_temporal_group(family: str):
     args = dict(video_sizes=[frames[0].size], video_frames=[len(frames)])
     inputs = encode_video(s, frames)
     layout = layout_visual_tokens(s.model, inputs, s.processor, **args)
+    merged = 2 if VISUAL_FAMILIES[family].video_layout == "grid_thw" else 1  # frames per token
     groups = sorted({t.frame for t in layout.tokens})
-    assert groups == [0, 2, 4] and {t.frames for t in layout.tokens} == {(0, 1), (2, 3), (4, 5)}
+    assert groups == list(range(0, 6, merged))
+    assert {t.frames for t in layout.tokens} == {(f, f + merged - 1) for f in groups}
     before = layer0(s, inputs, layout)
-    for f, (r, c) in ((3, (0, 0)), (4, (1, 2)), (0, (2, 1))):
-        target = layout.find(0, r, c, frame=f - f % 2)
+    for f, (r, c) in ((3, (0, 0)), (4, (1, 1)), (0, (1, 0))):
+        target = layout.find(0, r, c, frame=f - f % merged)
         changed = list(frames)
         changed[f] = paint(frames[f], target.pixel_box)
         inputs2 = encode_video(s, changed)
@@ -348,3 +350,18 @@ def test_internvl_tiles_follow_the_canvas_and_end_with_the_thumbnail():
     assert layout.find(0, 0, 0, crop="tile 1,2").pixel_box == pytest.approx(
         (64 * 2 / 3, 20, 64 * 2 / 3 + 64 / 6, 30)
     )
+
+
+def test_video_states_of_a_pooled_frames_family():
+    from latentlens.vlm import video_token_states
+
+    s = build("llava_onevision")
+    frames = [noise(40, 30, i) for i in range(3)]
+    seen = video_token_states(s.model, s.processor, frames, [0, 1])
+    assert [a.frames for a in seen.addresses[:: len(seen.addresses) // 3]] == [
+        (0, 0),
+        (1, 1),
+        (2, 2),
+    ]
+    assert [sep.kind for sep in seen.layout.separators] == ["image_newline"]
+    assert seen.states[1].shape == (len(seen.addresses), 32)

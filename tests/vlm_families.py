@@ -358,7 +358,56 @@ def _llava_onevision() -> Subject:
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
     )
-    return Subject("llava_onevision", model, proc, lambda n: "<image> " * n + "Describe.")
+    return Subject(
+        "llava_onevision",
+        model,
+        proc,
+        lambda n: "<image> " * n + "Describe.",
+        "<video>Describe the video.",
+        {"videos_kwargs": {"do_sample_frames": False}},
+    )
+
+
+def _llava_next_video() -> Subject:
+    from transformers import LlavaNextImageProcessor, LlavaNextVideoProcessor
+    from transformers.models.llava_next_video.video_processing_llava_next_video import (
+        LlavaNextVideoVideoProcessor,
+    )
+
+    tok = _tokenizer(["<image>", "<video>"])
+    size = {"shortest_edge": 16}
+    crop = {"height": 16, "width": 16}
+    ip = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=_PINPOINTS)
+    proc = LlavaNextVideoProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        video_processor=LlavaNextVideoVideoProcessor(size=size, crop_size=crop),
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        video_token="<video>",
+        num_additional_image_tokens=1,
+    )
+    image, video = _ids(tok, ["<image>", "<video>"])
+    model = _model(
+        "llava_next_video",
+        text_config={"model_type": "llama", **_TEXT},
+        vision_config=_CLIP,
+        image_token_index=image,
+        video_token_index=video,
+        image_grid_pinpoints=_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_stride=2,
+    )
+    return Subject(
+        "llava_next_video",
+        model,
+        proc,
+        lambda n: "<image> " * n + "Describe.",
+        "<video>Describe the video.",
+        {"videos_kwargs": {"do_sample_frames": False}},
+    )
 
 
 def _vipllava() -> Subject:
@@ -517,6 +566,7 @@ def _aya_vision() -> Subject:
 
 
 BUILDERS.update(
+    llava_next_video=_llava_next_video,
     aya_vision=_aya_vision,
     llama4=_llama4,
     internvl=_internvl,
@@ -610,8 +660,9 @@ def _video_ok(s: Subject) -> bool:
     inputs = encode_video(s, frames)
     layout = layout_visual_tokens(s.model, inputs, s.processor, **args)
     before = layer0(s, inputs, layout)
+    merged = 2 if VISUAL_FAMILIES[s.family].video_layout == "grid_thw" else 1
     for f in (1, 2):
-        target = layout.find(0, 1, 1, frame=f - f % 2)
+        target = layout.find(0, 1, 1, frame=f - f % merged)
         changed = list(frames)
         changed[f] = paint(frames[f], target.pixel_box)
         inputs2 = encode_video(s, changed)
@@ -686,7 +737,7 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-NOT_YET = ("glm4v", "llava_next_video")
+NOT_YET = ("glm4v", "molmo2")
 
 
 def main() -> None:

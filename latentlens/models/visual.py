@@ -62,6 +62,9 @@ class VisualFamily:
             exactly that canvas) or ``pad`` (resized keeping its aspect, padded on the
             right and bottom; Llama 4).
         video: whether the family takes videos through its processor.
+        video_layout: ``grid_thw`` (the layout above) or ``pooled_frames``: one pooled
+            ``s × s`` grid per frame, frame after frame, then (``video_newline``) one
+            ``image_newline`` for the whole video (LLaVA-OneVision, LLaVA-NeXT-Video).
         notes: anything worth knowing.
     """
 
@@ -79,6 +82,8 @@ class VisualFamily:
     tile_separators: tuple[str, str] | None = None
     tile_fit: Literal["squash", "pad"] = "squash"
     video: bool = False
+    video_layout: Literal["grid_thw", "pooled_frames"] = "grid_thw"
+    video_newline: bool = False
     notes: str = ""
 
 
@@ -125,7 +130,20 @@ VISUAL_FAMILIES: dict[str, VisualFamily] = {
     ),
     "llava_next": _ANYRES,
     "llava_onevision": dataclasses.replace(
-        _ANYRES, notes="Images as LLaVA-NeXT (anyres_max); videos are not addressed yet."
+        _ANYRES,
+        video_token_attr="video_token_index",
+        video=True,
+        video_layout="pooled_frames",
+        video_newline=True,
+        notes="Images as LLaVA-NeXT (anyres_max); video frames bilinearly pooled 2×2, one "
+        "image_newline after the last frame.",
+    ),
+    "llava_next_video": dataclasses.replace(
+        _ANYRES,
+        video_token_attr="video_token_index",
+        video=True,
+        video_layout="pooled_frames",
+        notes="Images as LLaVA-NeXT; video frames average-pooled (spatial_pool_stride).",
     ),
     "idefics3": _TILES,
     "aya_vision": VisualFamily(
