@@ -738,6 +738,47 @@ def _canvas(
     return layout
 
 
+def _low_high(
+    model: Any,
+    name: str,
+    family: VisualFamily,
+    ids: torch.Tensor,
+    types: torch.Tensor | None,
+    inputs: Mapping[str, Any],
+    processor: Any,
+    sizes: Sequence[tuple[int, int] | None],
+) -> VisualLayout:
+    """Molmo 2: per image the low-res grid then the high-res grid, from ``image_grids``."""
+    token = _int_attr(model, family.image_token_attr)
+    pos = (ids == token).nonzero().flatten().tolist() if token is not None else []
+    if not pos:
+        raise LatentLensError(f"{name}: no image tokens in the sequence: was the image passed?")
+    grids = _need(inputs, "image_grids", name).reshape(-1, 4).tolist()
+    if sum(a * b + c * d for a, b, c, d in grids) != len(pos):
+        raise LatentLensError(f"{name}: image_grids {grids} do not account for {len(pos)} tokens")
+    tok = getattr(processor, "tokenizer", None)
+    layout = VisualLayout(name, [])
+    k = 0
+    for i, (lh, lw, hh, hw) in enumerate(grids):
+        orig = sizes[i] if i < len(sizes) else None
+        first = pos[k]
+        for crop, rows, cols in (("global", lh, lw), ("high-res", hh, hw)):
+            boxes = _grid_boxes(rows, cols, *orig) if orig else None
+            layout.grids.append(CropGrid(i, crop, (rows, cols)))
+            for j in range(rows * cols):
+                box = boxes[j] if boxes else None
+                layout.tokens.append(
+                    TokenAddress(pos[k], i, j // cols, j % cols, crop=crop, pixel_box=box)
+                )
+                k += 1
+        if tok is not None:  # the column and start/end markers around this image's tokens
+            for q in range(max(0, first - 1), min(ids.numel(), pos[k - 1] + 3)):
+                piece = tok.convert_ids_to_tokens(int(ids[q]))
+                if piece in family.marker_tokens:
+                    layout.separators.append(Separator(q, piece, i))
+    return layout
+
+
 def _pooled_frames(
     model: Any,
     name: str,
@@ -832,6 +873,8 @@ def layout_visual_tokens(
         return _row_break(model, name, family, ids, types, processor, image_sizes)
     if family.layout == "tiles":
         return _tiles(model, name, family, ids, types, processor, image_sizes)
+    if family.layout == "low_high":
+        return _low_high(model, name, family, ids, types, inputs, processor, image_sizes)
     if family.layout == "canvas":
         return _canvas(model, name, family, ids, types, processor, image_sizes)
     return _anyres(model, name, family, ids, types, inputs, processor, image_sizes)

@@ -365,3 +365,24 @@ def test_video_states_of_a_pooled_frames_family():
     ]
     assert [sep.kind for sep in seen.layout.separators] == ["image_newline"]
     assert seen.states[1].shape == (len(seen.addresses), 32)
+
+
+def test_molmo2_low_and_high_res_grids_with_column_tokens():
+    s = build("molmo2")
+    image = noise(64, 40, 1)
+    inputs = encode(s, [image])
+    layout = layout_visual_tokens(s.model, inputs, s.processor, image_sizes=[image.size])
+    lh, lw, hh, hw = inputs["image_grids"][0].tolist()
+    assert [(g.crop, g.shape) for g in layout.grids] == [
+        ("global", (lh, lw)),
+        ("high-res", (hh, hw)),
+    ]
+    kinds = [sep.kind for sep in layout.separators]
+    assert kinds.count("<im_col>") == lh + hh  # one after each row of both grids
+    assert kinds[0] == "<low_res_im_start>" and kinds[-1] == "<im_end>"
+    for row in range(hh):  # a column token right after the last patch of each high-res row
+        last = layout.find(0, row, hw - 1, crop="high-res").sequence_position
+        assert any(
+            sep.sequence_position == last + 1 and sep.kind == "<im_col>"
+            for sep in layout.separators
+        )

@@ -565,7 +565,75 @@ def _aya_vision() -> Subject:
     return Subject("aya_vision", model, proc, lambda n: "<image> " * n + "Describe.")
 
 
+_MOLMO2_TOKENS = [
+    "<|image|>",
+    "<|video|>",
+    "<im_patch>",
+    "<im_col>",
+    "<im_start>",
+    "<low_res_im_start>",
+    "<im_end>",
+    "<frame_start>",
+    "<frame_end>",
+]
+
+
+def _molmo2() -> Subject:
+    from transformers import Molmo2ImageProcessor, Molmo2Processor, Molmo2VideoProcessor
+
+    tok = _tokenizer(_MOLMO2_TOKENS)
+    tok.image_token, tok.video_token = "<|image|>", "<|video|>"
+    ids = dict(zip(_MOLMO2_TOKENS, _ids(tok, _MOLMO2_TOKENS), strict=True))
+    pooling = dict(size={"height": 16, "width": 16}, patch_size=4, pooling_size=[2, 2])
+    proc = Molmo2Processor(
+        image_processor=Molmo2ImageProcessor(**pooling, max_crops=4, overlap_margins=[1, 1]),
+        video_processor=Molmo2VideoProcessor(**pooling),
+        tokenizer=tok,
+    )
+    head = dict(num_attention_heads=4, num_key_value_heads=4, head_dim=8)
+    model = _model(
+        "molmo2",
+        text_config=dict(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(tok),
+            additional_vocab_size=16,
+            num_hidden_layers=2,
+            intermediate_size=64,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            patch_size=4,
+            num_position_embeddings=16,
+            **head,
+        ),
+        adapter_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            text_hidden_size=32,
+            vision_feature_layer=[-1],
+            **head,
+        ),
+        image_start_token_id=ids["<im_start>"],
+        low_res_image_start_token_id=ids["<low_res_im_start>"],
+        image_end_token_id=ids["<im_end>"],
+        image_patch_id=ids["<im_patch>"],
+        frame_start_token_id=ids["<frame_start>"],
+        frame_end_token_id=ids["<frame_end>"],
+    )
+    with torch.no_grad():  # its initializer (std 0.02) leaves the image features nearly constant
+        for n, param in model.named_parameters():
+            if param.ndim >= 2 and ("vision" in n or "multi_modal_projector" in n):
+                param.normal_(0.0, 0.1)
+    return Subject("molmo2", model, proc, lambda n: "<|image|> " * n + "Describe.")
+
+
 BUILDERS.update(
+    molmo2=_molmo2,
     llava_next_video=_llava_next_video,
     aya_vision=_aya_vision,
     llama4=_llama4,
@@ -737,7 +805,7 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-NOT_YET = ("glm4v", "molmo2")
+NOT_YET = ("glm4v",)
 
 
 def main() -> None:

@@ -18,6 +18,10 @@ addresses themselves are computed in :mod:`latentlens.visual_layout`. Layouts:
   to a whole number of tiles) and a squashed thumbnail (``global``), each an ``s × s``
   grid in its own run of image tokens; marker text tokens before each run name the tile
   (Idefics3 / SmolVLM: ``<row_i_col_j>``, ``<global-img>``) and are reported.
+- ``low_high``: per image a low-resolution grid of the whole image (``global``) then the
+  pooled grid of its overlapping high-resolution crops (``high-res``), both row-major
+  with a column token after each row; the processor's ``image_grids`` gives both shapes
+  (Molmo 2).
 - ``canvas``: one run per image of ``k · s²`` tokens: the ``rows × cols`` tiles of the
   processor's best-fitting canvas (GOT-OCR2's tiling, recomputed from the image size)
   row-major, then the thumbnail (``global``) when there is more than one tile (InternVL).
@@ -34,7 +38,7 @@ from typing import Any, Literal
 
 from latentlens.errors import UnsupportedArchitectureError
 
-Layout = Literal["grid_thw", "square", "row_break", "anyres", "tiles", "canvas"]
+Layout = Literal["grid_thw", "square", "row_break", "anyres", "tiles", "canvas", "low_high"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,12 @@ VISUAL_FAMILIES: dict[str, VisualFamily] = {
         notes="Images as LLaVA-NeXT; video frames average-pooled (spatial_pool_stride).",
     ),
     "idefics3": _TILES,
+    "molmo2": VisualFamily(
+        layout="low_high",
+        image_token_attr="image_patch_id",
+        marker_tokens=("<im_col>", "<low_res_im_start>", "<im_start>", "<im_end>"),
+        notes="image_grids = [low_h, low_w, high_h, high_w]; <im_col> after each row.",
+    ),
     "aya_vision": VisualFamily(
         layout="tiles",
         image_token_attr="image_token_index",
