@@ -1,7 +1,7 @@
 """Per-family facts about a VLM's visual tokens, as data (beside the LM registry).
 
 Each family names how its visual tokens are found and how they are laid out; the
-addresses themselves are computed in :mod:`latentlens.visual_layout`. Layouts:
+addresses themselves are computed by :mod:`latentlens.layouts`. Layouts:
 
 - ``grid_thw``: one run per image (or video) of ``t · (h/m) · (w/m)`` tokens, ordered
   (temporal group, row, column) over the merged grid; ``(t, h, w)`` comes from the

@@ -1,0 +1,1 @@
+"""The visual-token layouts, one module per kind (see `latentlens.models.visual`)."""
