@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -17,6 +19,96 @@ from latentlens.options import parse_int_list
 
 DEFAULT_MODEL = "Qwen/Qwen2-VL-7B-Instruct"
 DEFAULT_BANK = "McGill-NLP/latentlens-qwen2vl-embeddings"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _apply(options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    def wrap(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return wrap
+
+
+# The options both commands take, defined once.
+_MODEL_OPTIONS = _apply(
+    [
+        click.option(
+            "--model", default=DEFAULT_MODEL, show_default=True, help="VLM: Hub id or local folder."
+        ),
+        click.option(
+            "--bank", default=None, help=f"Bank: Hub id or local folder [default: {DEFAULT_BANK}]."
+        ),
+        click.option(
+            "--layers", default="2,8,27", show_default=True, help="Query layers (comma-separated)."
+        ),
+        click.option(
+            "--bank-layers", default=None, help="Bank layers to load and search (default: all)."
+        ),
+    ]
+)
+_RUN_OPTIONS = _apply(
+    [
+        click.option("--seed", default=10, show_default=True, help="Seed of the sample shown."),
+        click.option("--top-k", default=5, show_default=True),
+        click.option("--device", default=None, help="cuda / cpu (default: cuda if available)."),
+        click.option(
+            "--model-dtype",
+            "dtype",
+            default=None,
+            help="Model compute dtype: fp16 / bf16 / fp32 (default: bf16 on CUDA where "
+            "supported, else fp16; fp32 on CPU).",
+        ),
+    ]
+)
+
+
+def _output_options(png: str, html: str) -> Callable[[F], F]:
+    return _apply(
+        [
+            click.option(
+                "--out",
+                default=None,
+                type=click.Path(dir_okay=False),
+                help=f"{png} path [default: <stem>_latentlens.png].",
+            ),
+            click.option(
+                "--json",
+                "json_path",
+                default=None,
+                is_flag=False,
+                flag_value="",
+                help="Also write JSON: every visual token (optional path).",
+            ),
+            click.option(
+                "--html",
+                "html_path",
+                default=None,
+                is_flag=False,
+                flag_value="",
+                help=f"Also write {html} (optional path).",
+            ),
+        ]
+    )
+
+
+def _load(model: str, device: str | None, dtype: str | None) -> tuple[Any, Any, Any]:
+    """The VLM, its processor and the device it runs on."""
+    import torch
+
+    from latentlens.models.loading import default_compute_dtype, load_model, load_processor
+
+    run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_dtype = dtype or default_compute_dtype(run_device)
+    click.echo(f"loading {model} ({run_dtype}, {run_device}) ...", err=True)
+    vlm, _tok = load_model(model, device=run_device, dtype=run_dtype)
+    return vlm, load_processor(model), run_device
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {path}", err=True)
 
 
 @click.command(
@@ -31,12 +123,7 @@ DEFAULT_BANK = "McGill-NLP/latentlens-qwen2vl-embeddings"
     default=None,
     help="The image, as an option (quickstart.py's spelling of IMAGE).",
 )
-@click.option(
-    "--model", default=DEFAULT_MODEL, show_default=True, help="VLM: Hub id or local folder."
-)
-@click.option(
-    "--bank", default=None, help=f"Bank: Hub id or local folder [default: {DEFAULT_BANK}]."
-)
+@_MODEL_OPTIONS
 @click.option(
     "--build-bank",
     "build_corpus",
@@ -44,10 +131,6 @@ DEFAULT_BANK = "McGill-NLP/latentlens-qwen2vl-embeddings"
     default=None,
     help="Build a bank from this corpus with the VLM's own language model first.",
 )
-@click.option(
-    "--layers", default="2,8,27", show_default=True, help="Query layers (comma-separated)."
-)
-@click.option("--bank-layers", default=None, help="Bank layers to load and search (default: all).")
 @click.option(
     "--num-patches",
     default=10,
@@ -57,44 +140,14 @@ DEFAULT_BANK = "McGill-NLP/latentlens-qwen2vl-embeddings"
 @click.option(
     "--patches", "patch_list", multiple=True, help="Patch 'row,col' to show instead (repeatable)."
 )
-@click.option("--seed", default=10, show_default=True, help="Seed of the patch sample.")
-@click.option("--top-k", default=5, show_default=True)
 @click.option(
     "--size",
     default=448,
     show_default=True,
     help="Side of the square the image is centre-cropped and resized to (0: as it is).",
 )
-@click.option("--device", default=None, help="cuda / cpu (default: cuda if available).")
-@click.option(
-    "--model-dtype",
-    "dtype",
-    default=None,
-    help="Model compute dtype: fp16 / bf16 / fp32 (default: bf16 on CUDA where supported, "
-    "else fp16; fp32 on CPU).",
-)
-@click.option(
-    "--out",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="PNG path [default: <stem>_latentlens.png].",
-)
-@click.option(
-    "--json",
-    "json_path",
-    default=None,
-    is_flag=False,
-    flag_value="",
-    help="Also write JSON (optional path).",
-)
-@click.option(
-    "--html",
-    "html_path",
-    default=None,
-    is_flag=False,
-    flag_value="",
-    help="Also write the HTML explorer (optional path).",
-)
+@_RUN_OPTIONS
+@_output_options("PNG", "the HTML explorer")
 @click.option(
     "--first-layer-only",
     is_flag=True,
@@ -128,13 +181,11 @@ def explain_image_command(
     or --patches r,c) and writes <image-stem>_latentlens.png (grid, numbered patches, top
     word per layer); --json writes every patch, --html a self-contained explorer page.
     """
-    import torch
 
     from latentlens.errors import LatentLensError
     from latentlens.explain import explain_image
     from latentlens.extract import build_index
     from latentlens.index import ContextualIndex
-    from latentlens.models.loading import default_compute_dtype, load_model, load_processor
     from latentlens.viz.html import explorer_html
     from latentlens.viz.patches import patch_figure
     from latentlens.vlm import load_image
@@ -146,11 +197,7 @@ def explain_image_command(
         image_file = (
             Path(chosen) if chosen else Path(str(files("latentlens") / "data" / "example.png"))
         )
-        run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        run_dtype = dtype or default_compute_dtype(run_device)
-        click.echo(f"loading {model} ({run_dtype}, {run_device}) ...", err=True)
-        vlm, _tok = load_model(model, device=run_device, dtype=run_dtype)
-        processor = load_processor(model)
+        vlm, processor, run_device = _load(model, device, dtype)
         if build_corpus:
             target = Path(bank) if bank else Path(f"{Path(model).name}_bank")
             index = build_index(
@@ -202,13 +249,10 @@ def explain_image_command(
         fig.savefig(png, dpi=100)
         click.echo(f"wrote {png}", err=True)
         if json_path is not None:
-            jp = Path(json_path) if json_path else png.with_suffix(".json")
-            jp.write_text(json.dumps(ex.to_dict(all_patches=True), ensure_ascii=False))
-            click.echo(f"wrote {jp}", err=True)
+            doc = json.dumps(ex.to_dict(all_patches=True), ensure_ascii=False)
+            _write(Path(json_path) if json_path else png.with_suffix(".json"), doc)
         if html_path is not None:
-            hp = Path(html_path) if html_path else png.with_suffix(".html")
-            hp.write_text(explorer_html(ex), encoding="utf-8")
-            click.echo(f"wrote {hp}", err=True)
+            _write(Path(html_path) if html_path else png.with_suffix(".html"), explorer_html(ex))
     except (LatentLensError, ValueError, OSError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
@@ -219,16 +263,7 @@ def explain_image_command(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.argument("video", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option(
-    "--model", default=DEFAULT_MODEL, show_default=True, help="VLM: Hub id or local folder."
-)
-@click.option(
-    "--bank", default=None, help=f"Bank: Hub id or local folder [default: {DEFAULT_BANK}]."
-)
-@click.option(
-    "--layers", default="2,8,27", show_default=True, help="Query layers (comma-separated)."
-)
-@click.option("--bank-layers", default=None, help="Bank layers to load and search (default: all).")
+@_MODEL_OPTIONS
 @click.option(
     "--num-frames", type=click.IntRange(1), default=None, help="Frames kept, evenly spaced."
 )
@@ -238,38 +273,8 @@ def explain_image_command(
     show_default=True,
     help="Tokens highlighted in the table and strip.",
 )
-@click.option("--seed", default=10, show_default=True, help="Seed of the token sample.")
-@click.option("--top-k", default=5, show_default=True)
-@click.option("--device", default=None, help="cuda / cpu (default: cuda if available).")
-@click.option(
-    "--model-dtype",
-    "dtype",
-    default=None,
-    help="Model compute dtype: fp16 / bf16 / fp32 (default: bf16 on CUDA where supported, "
-    "else fp16; fp32 on CPU).",
-)
-@click.option(
-    "--out",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="PNG strip path [default: <stem>_latentlens.png].",
-)
-@click.option(
-    "--json",
-    "json_path",
-    default=None,
-    is_flag=False,
-    flag_value="",
-    help="Also write JSON: every visual token (optional path).",
-)
-@click.option(
-    "--html",
-    "html_path",
-    default=None,
-    is_flag=False,
-    flag_value="",
-    help="Also write the HTML explorer with a frame slider (optional path).",
-)
+@_RUN_OPTIONS
+@_output_options("PNG strip", "the HTML explorer with a frame slider")
 def explain_video_command(
     video,
     model,
@@ -295,12 +300,10 @@ def explain_video_command(
     per temporal group) and, with --json, every token with its neighbours; --html an
     explorer page with a slider over the temporal groups.
     """
-    import torch
 
     from latentlens.errors import LatentLensError
     from latentlens.explain import explain_video
     from latentlens.index import ContextualIndex
-    from latentlens.models.loading import default_compute_dtype, load_model, load_processor
     from latentlens.viz.html import video_explorer_html
     from latentlens.viz.video import video_strip
     from latentlens.vlm import load_frames
@@ -308,11 +311,7 @@ def explain_video_command(
     try:
         source = list(video) if len(video) > 1 else video[0]
         frames = load_frames(source, num_frames=num_frames)
-        run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        run_dtype = dtype or default_compute_dtype(run_device)
-        click.echo(f"loading {model} ({run_dtype}, {run_device}) ...", err=True)
-        vlm, _tok = load_model(model, device=run_device, dtype=run_dtype)
-        processor = load_processor(model)
+        vlm, processor, run_device = _load(model, device, dtype)
         index = ContextualIndex.from_pretrained(
             bank or DEFAULT_BANK, layers=parse_int_list(bank_layers)
         )
@@ -335,13 +334,11 @@ def explain_video_command(
         video_strip(ex).savefig(png, dpi=100)
         click.echo(f"wrote {png}", err=True)
         if json_path is not None:
-            jp = Path(json_path) if json_path else png.with_suffix(".json")
-            jp.write_text(json.dumps(ex.to_dict(), ensure_ascii=False))
-            click.echo(f"wrote {jp}", err=True)
+            doc = json.dumps(ex.to_dict(), ensure_ascii=False)
+            _write(Path(json_path) if json_path else png.with_suffix(".json"), doc)
         if html_path is not None:
-            hp = Path(html_path) if html_path else png.with_suffix(".html")
-            hp.write_text(video_explorer_html(ex), encoding="utf-8")
-            click.echo(f"wrote {hp}", err=True)
+            page = video_explorer_html(ex)
+            _write(Path(html_path) if html_path else png.with_suffix(".html"), page)
     except (LatentLensError, ValueError, OSError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)

@@ -284,9 +284,6 @@ class ImageExplanation:
             return a.row, a.col
         return divmod(patch, self.grid[1])
 
-    def _address_fields(self, patch: int) -> dict[str, Any]:
-        return address_fields(self.addresses[patch]) if self.addresses else {}
-
     def table(self, patches: Sequence[int] | None = None) -> str:
         """A readable text table of the top neighbours of ``patches`` (default: highlighted)."""
         lines = []
@@ -322,21 +319,31 @@ class ImageExplanation:
                 str(layer): {
                     "visual_layer": layer,
                     "patches": [
-                        {
-                            "patch_idx": p,
-                            "patch_row": self.rc(p)[0],
-                            "patch_col": self.rc(p)[1],
-                            **self._address_fields(p),
-                            "nearest_contextual_neighbors": [
-                                n.to_dict() for n in self.neighbors[layer][p]
-                            ],
-                        }
+                        patch_entry(
+                            p,
+                            self.rc(p),
+                            self.addresses[p] if self.addresses else None,
+                            self.neighbors[layer][p],
+                        )
                         for p in chosen
                     ],
                 }
                 for layer in self.layers
             },
         }
+
+
+def patch_entry(
+    index: int, rc: tuple[int, int], address: Any, neighbors: Sequence[Neighbor]
+) -> dict[str, Any]:
+    """One visual token in the JSON: the original's fields, then its address when known."""
+    return {
+        "patch_idx": index,
+        "patch_row": rc[0],
+        "patch_col": rc[1],
+        **(address_fields(address) if address is not None else {}),
+        "nearest_contextual_neighbors": [n.to_dict() for n in neighbors],
+    }
 
 
 def address_fields(a: Any) -> dict[str, Any]:
@@ -418,15 +425,7 @@ class VideoExplanation:
                 str(layer): {
                     "visual_layer": layer,
                     "patches": [
-                        {
-                            "patch_idx": p,
-                            "patch_row": a.row,
-                            "patch_col": a.col,
-                            **address_fields(a),
-                            "nearest_contextual_neighbors": [
-                                n.to_dict() for n in self.neighbors[layer][p]
-                            ],
-                        }
+                        patch_entry(p, (a.row, a.col), a, self.neighbors[layer][p])
                         for p, a in enumerate(self.addresses)
                     ],
                 }
