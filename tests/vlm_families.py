@@ -187,27 +187,34 @@ def _qwen(family: str) -> Subject:
     )
 
 
-def _llava() -> Subject:
-    from transformers import CLIPImageProcessor, LlavaProcessor
+_LLAVA_PROCESSOR = dict(
+    patch_size=4,
+    vision_feature_select_strategy="default",
+    image_token="<image>",
+    num_additional_image_tokens=1,
+)
 
-    tok = _tokenizer(["<image>"])
-    ip = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    proc = LlavaProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        patch_size=4,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
-    model = _model(
-        "llava",
+
+def _llava_model(model_type: str, tok: Any, **extra: Any) -> Any:
+    """A tiny LLaVA-family model: Llama text, CLIP vision, the penultimate layer's patches."""
+    return _model(
+        model_type,
         text_config={"model_type": "llama", **_TEXT},
         vision_config=_CLIP,
         image_token_index=_ids(tok, ["<image>"])[0],
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+        **extra,
     )
+
+
+def _llava() -> Subject:
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tok = _tokenizer(["<image>"])
+    ip = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, **_LLAVA_PROCESSOR)
+    model = _llava_model("llava", tok)
     return Subject("llava", model, proc, lambda n: "<image> " * n + "Describe.")
 
 
@@ -309,23 +316,8 @@ def _llava_next() -> Subject:
         crop_size={"height": 16, "width": 16},
         image_grid_pinpoints=_PINPOINTS,
     )
-    proc = LlavaNextProcessor(
-        image_processor=ip,
-        tokenizer=tok,
-        patch_size=4,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
-    model = _model(
-        "llava_next",
-        text_config={"model_type": "llama", **_TEXT},
-        vision_config=_CLIP,
-        image_token_index=_ids(tok, ["<image>"])[0],
-        image_grid_pinpoints=_PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, **_LLAVA_PROCESSOR)
+    model = _llava_model("llava_next", tok, image_grid_pinpoints=_PINPOINTS)
     return Subject("llava_next", model, proc, lambda n: "<image> " * n + "Describe.")
 
 
@@ -382,22 +374,14 @@ def _llava_next_video() -> Subject:
         image_processor=ip,
         tokenizer=tok,
         video_processor=LlavaNextVideoVideoProcessor(size=size, crop_size=crop),
-        patch_size=4,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
         video_token="<video>",
-        num_additional_image_tokens=1,
+        **_LLAVA_PROCESSOR,
     )
-    image, video = _ids(tok, ["<image>", "<video>"])
-    model = _model(
+    model = _llava_model(
         "llava_next_video",
-        text_config={"model_type": "llama", **_TEXT},
-        vision_config=_CLIP,
-        image_token_index=image,
-        video_token_index=video,
+        tok,
+        video_token_index=_ids(tok, ["<video>"])[0],
         image_grid_pinpoints=_PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
         spatial_pool_stride=2,
     )
     return Subject(
