@@ -239,11 +239,20 @@ def visual_token_states(
     return out
 
 
+def _main_crop(layout: VisualLayout) -> str | None:
+    """The crop the picture and the patch numbers use: one that covers the whole image (the
+    only grid, LLaVA-NeXT's / Molmo 2's high-res grid, a tiled family's global thumbnail)."""
+    crops = [g.crop for g in layout.grids if g.image_index == 0]
+    for name in ("high-res", "global"):
+        if name in crops:
+            return name
+    return crops[0]
+
+
 def _main_grid(layout: VisualLayout) -> tuple[int, int]:
-    """The grid the picture and the patch numbers use: the only one, or the high-res one."""
-    grids = [g for g in layout.grids if g.image_index == 0]
-    named = [g for g in grids if g.crop == "high-res"]
-    return (named or grids)[0].shape
+    """``(H, W)`` of the main crop's grid."""
+    crop = _main_crop(layout)
+    return next(g.shape for g in layout.grids if g.image_index == 0 and g.crop == crop)
 
 
 def _main(layout: VisualLayout) -> int:
@@ -255,7 +264,7 @@ def _main_grid_first(layout: VisualLayout, to_original: Any) -> list[TokenAddres
     """The addresses of image 0: the main grid's row-major, then the rest in sequence order,
     with pixel boxes mapped from the model's view to the original image."""
     tokens = [replace(t, pixel_box=to_original(t.pixel_box)) for t in layout.select(0)]
-    main_crop = "high-res" if any(t.crop == "high-res" for t in tokens) else tokens[0].crop
+    main_crop = _main_crop(layout)
     main = sorted((t for t in tokens if t.crop == main_crop), key=lambda t: (t.row, t.col))
     return main + [t for t in tokens if t.crop != main_crop]
 

@@ -386,3 +386,20 @@ def test_molmo2_low_and_high_res_grids_with_column_tokens():
             sep.sequence_position == last + 1 and sep.kind == "<im_col>"
             for sep in layout.separators
         )
+
+
+@pytest.mark.parametrize(
+    "family, crop", [("idefics3", "global"), ("llava_next", "high-res"), ("qwen2_vl", None)]
+)
+def test_the_picture_uses_a_grid_that_covers_the_whole_image(family: str, crop):
+    from latentlens.vlm import visual_token_states
+
+    s = build(family)
+    seen = visual_token_states(s.model, s.processor, [noise(64, 40, 1)], [0], size=None)[0]
+    h, w = seen.grid
+    main = seen.addresses[: h * w]
+    assert {a.crop for a in main} == {crop}
+    assert [(a.row, a.col) for a in main] == [(r, c) for r in range(h) for c in range(w)]
+    x0 = min(a.pixel_box[0] for a in main)
+    x1 = max(a.pixel_box[2] for a in main)
+    assert x0 == pytest.approx(0, abs=0.5) and x1 == pytest.approx(64, abs=0.5)
