@@ -426,7 +426,7 @@ class JudgeClient:
         except self._stopped:
             raise JudgeAborted("the run was stopped") from None
         except openai.APIStatusError as e:
-            raise self._classify(e.status_code, _error_message(e)) from None
+            raise self._classify(e.status_code, _error_message(e), self.api) from None
         except openai.APITimeoutError as e:
             raise RetryableError("timeout", f"timed out: {e}") from None
         except openai.APIConnectionError as e:
@@ -443,12 +443,17 @@ class JudgeClient:
         return _chat_text(reply), _usage(reply)
 
     @staticmethod
-    def _classify(status: int, detail: str) -> JudgeError:
+    def _classify(status: int, detail: str, api: Api = "chat") -> JudgeError:
         message = f"HTTP {status}: {detail}".strip()
         if status == 429:
             return RetryableError("rate_limit", message)
         if status >= 500 or status in (408, 409, 425):
             return RetryableError("server", message)
+        if status == 404 and api == "responses":
+            return FatalJudgeError(
+                f"{message} (check the base URL and judge model; a server without the "
+                "Responses API answers 404 too: try --api chat)"
+            )
         if status in (401, 403, 404):
             return FatalJudgeError(f"{message} (check the API key, base URL and judge model)")
         if status in (400, 422) and _UNSUPPORTED.search(detail):

@@ -324,13 +324,7 @@ class FakeJudgeServer:
             def do_POST(self) -> None:  # noqa: N802
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 route = self.path.rstrip("/")
-                api = (
-                    "chat"
-                    if route.endswith("/chat/completions")
-                    else "responses"
-                    if route.endswith("/responses")
-                    else None
-                )
+                api = {"/v1/chat/completions": "chat", "/v1/responses": "responses"}.get(route)
                 if api is None:
                     return self._error(404, f"no route {self.path}")
                 if (

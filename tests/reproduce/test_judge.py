@@ -911,3 +911,14 @@ def test_without_the_sdk_the_client_says_which_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "openai", None)  # import openai → ImportError
     with pytest.raises(ImportError, match=r"\.\[judge\]"):
         JudgeClient(JudgeConfig())
+
+
+def test_a_server_without_the_responses_api_suggests_chat():
+    msgs = build_messages(["dog"], "data:image/png;base64,AA", "data:image/png;base64,BB")
+    with FakeJudgeServer() as server:
+        # the fake server speaks both; a base URL one level off makes /responses a 404
+        config = JudgeConfig(
+            base_url=server.url + "/nope", model="m", api="responses", max_retries=0
+        )
+        with JudgeClient(config) as client, pytest.raises(FatalJudgeError, match="--api chat"):
+            client.judge(msgs, request_key="k")
