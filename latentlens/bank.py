@@ -67,6 +67,10 @@ class Entries:
         position: ``[M]`` int64 index of the token among its sentence's non-pad tokens.
         captions: the distinct captions.
         token_strs: decoded string of each token id that occurs.
+        span: ``[M, 2]`` int64 character span of each token in its caption (``-1`` when
+            unknown), or ``None``.
+        span_source: ``"stored"`` (recorded at build time), ``"computed"`` (from a
+            tokenizer, for banks without spans) or ``"none"``.
     """
 
     token_id: torch.Tensor
@@ -74,6 +78,15 @@ class Entries:
     position: torch.Tensor
     captions: list[str]
     token_strs: dict[int, str]
+    span: torch.Tensor | None = None
+    span_source: str = "none"
+
+    def char_span(self, i: int) -> tuple[int, int] | None:
+        """The character span of entry ``i`` in its caption, if known."""
+        if self.span is None:
+            return None
+        start, end = (int(x) for x in self.span[i])
+        return (start, end) if start >= 0 else None
 
     def __len__(self) -> int:
         return int(self.token_id.shape[0])
@@ -83,7 +96,7 @@ class Entries:
         """Build from dicts with ``token_str``, ``token_id``, ``caption``, ``position``."""
         caption_ids: dict[str, int] = {}
         token_strs: dict[int, str] = {}
-        tid, cid, pos = [], [], []
+        tid, cid, pos, spans = [], [], [], []
         for i, r in enumerate(records):
             try:
                 t = int(r.get("token_id", -1))
@@ -101,23 +114,33 @@ class Entries:
             tid.append(t)
             cid.append(caption_ids.setdefault(caption, len(caption_ids)))
             pos.append(p)
+            span = r.get("char_span")
+            spans.append(tuple(int(x) for x in span) if span is not None else None)
+        known = bool(spans) and all(x is not None and len(x) == 2 for x in spans)
         return cls(
             token_id=torch.tensor(tid, dtype=torch.int64),
             caption_id=torch.tensor(cid, dtype=torch.int64),
             position=torch.tensor(pos, dtype=torch.int64),
             captions=list(caption_ids),
             token_strs=token_strs,
+            span=torch.tensor(spans, dtype=torch.int64).reshape(-1, 2) if known else None,
+            span_source="stored" if known else "none",
         )
 
     def record(self, i: int) -> dict[str, Any]:
-        """Entry ``i`` as a dict (token_str, token_id, caption, position)."""
+        """Entry ``i`` as a dict (token_str, token_id, caption, position; char_span when
+        known)."""
         t = int(self.token_id[i])
-        return {
+        out: dict[str, Any] = {
             "token_str": self.token_strs.get(t, ""),
             "token_id": t,
             "caption": self.captions[int(self.caption_id[i])],
             "position": int(self.position[i]),
         }
+        span = self.char_span(i)
+        if span is not None:
+            out["char_span"] = list(span)
+        return out
 
 
 def select_layers(available: Sequence[int], wanted: Sequence[int] | None, where: str) -> list[int]:
@@ -225,6 +248,11 @@ def write_entries(root: Path, entries: Entries, bank_id: str = "") -> None:
                 "token_id": entries.token_id.contiguous(),
                 "caption_id": entries.caption_id.contiguous(),
                 "position": entries.position.contiguous(),
+                **(
+                    {"char_span": entries.span.contiguous()}
+                    if entries.span is not None and entries.span_source == "stored"
+                    else {}
+                ),
             },
             str(tmp),
             metadata={BANK_ID_KEY: bank_id},
@@ -458,6 +486,7 @@ def read_entries(root: Path) -> Entries:
     try:
         with safe_open(str(root / C.ENTRIES_FILE), framework="pt") as f:
             cols = {k: f.get_tensor(k) for k in ("token_id", "caption_id", "position")}
+            span = f.get_tensor("char_span") if "char_span" in f.keys() else None
         captions = read_json(root / C.CAPTIONS_FILE)
         tokens = read_json(root / C.TOKENS_FILE)
     except (SafetensorError, KeyError, ValueError, OSError) as e:
@@ -472,12 +501,16 @@ def read_entries(root: Path) -> Entries:
     for key in ("caption_id", "position"):
         if n and int(cols[key].min()) < 0:
             raise BankFormatError(f"bank {root}: negative {key} in the entry table")
+    if span is not None and tuple(span.shape) != (n, 2):
+        raise BankFormatError(f"bank {root}: char_span is {tuple(span.shape)}, not [{n}, 2]")
     return Entries(
         token_id=cols["token_id"].to(torch.int64),
         caption_id=cols["caption_id"].to(torch.int64),
         position=cols["position"].to(torch.int64),
         captions=[str(c) for c in captions],
         token_strs={int(k): str(v) for k, v in tokens.items()},
+        span=span.to(torch.int64) if span is not None else None,
+        span_source="stored" if span is not None else "none",
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 FORMAT_NAME = "latentlens-bank"
-FORMAT_VERSION = "1.0"  # major.minor; a newer major is refused on load
+FORMAT_VERSION = "1.1"  # major.minor; a newer major is refused on load (1.1: char_span)
 
 CONFIG_FILE = "config.json"
 ENTRIES_FILE = "entries.safetensors"  # token_id, caption_id, position: int arrays [N]

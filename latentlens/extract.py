@@ -37,6 +37,7 @@ from latentlens.models.hooks import get_hidden_states
 from latentlens.models.loading import default_compute_dtype, load_model
 from latentlens.models.registry import num_layers
 from latentlens.selection import Plan, Sampling, plan_entries
+from latentlens.spans import entry_spans
 
 logger = logging.getLogger(__name__)
 
@@ -268,12 +269,17 @@ def build_index(
         D.barrier()
         assert root is not None
         return ContextualIndex.from_directory(root, mmap=mmap)
+    caption_id = torch.tensor(plan.sentence, dtype=torch.int64)
+    position = torch.tensor(plan.position, dtype=torch.int64)
+    span = entry_spans(tokenizer, sentences, caption_id, position, cfg.max_length)
     entries = B.Entries(
         token_id=torch.tensor(plan.token_id, dtype=torch.int64),
-        caption_id=torch.tensor(plan.sentence, dtype=torch.int64),
-        position=torch.tensor(plan.position, dtype=torch.int64),
+        caption_id=caption_id,
+        position=position,
         captions=sentences,
         token_strs={t: decode(t) for t in set(plan.token_id)},
+        span=span,
+        span_source="stored" if span is not None else "none",
     )
     entries = _compact_captions(entries)
     manifest = {
@@ -327,12 +333,10 @@ def _compact_captions(entries: B.Entries) -> B.Entries:
     used = torch.unique(entries.caption_id)
     remap = torch.full((len(entries.captions),), -1, dtype=torch.int64)
     remap[used] = torch.arange(used.numel())
-    return B.Entries(
-        token_id=entries.token_id,
+    return dataclasses.replace(
+        entries,
         caption_id=remap[entries.caption_id],
-        position=entries.position,
         captions=[entries.captions[i] for i in used.tolist()],
-        token_strs=entries.token_strs,
     )
 
 

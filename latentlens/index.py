@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from latentlens.errors import BankFormatError, BankNotFoundError, LatentLensErro
 from latentlens.hub import download_bank
 from latentlens.results import Neighbor
 from latentlens.search import Precision, RowNorms, SearchHits, checked_norms, search_banks
+from latentlens.spans import entry_spans
 from latentlens.streaming import FileRows
 
 logger = logging.getLogger(__name__)
@@ -247,6 +249,31 @@ class ContextualIndex:
 
         local = download_bank(repo_id, layers=layers, revision=revision, cache_dir=cache_dir)
         return cls.from_directory(local, layers=layers, device=device, dtype=dtype)
+
+    def attach_spans(self, tokenizer: Any, max_length: int | None = None) -> ContextualIndex:
+        """Character spans for a bank built without them (format 1.0, the original release's).
+
+        Each caption is tokenized as the build did (special tokens, ``max_length`` from the
+        bank's build settings, else 512) and each entry takes its token's offsets; the
+        spans are marked ``"computed"``. A bank with stored spans is left as it is.
+
+        Raises:
+            LatentLensError: the tokenizer gives no offsets (a slow tokenizer).
+        """
+        if self.entries.span_source == "stored":
+            return self
+        build = self.manifest.get("build") or {}
+        limit = max_length or int(build.get("max_length", 512))
+        span = entry_spans(
+            tokenizer, self.entries.captions, self.entries.caption_id, self.entries.position, limit
+        )
+        if span is None:
+            raise LatentLensError(
+                f"{type(tokenizer).__name__} gives no character offsets: load its fast version"
+            )
+        self.entries = dataclasses.replace(self.entries, span=span, span_source="computed")
+        self._legacy_view = None
+        return self
 
     # ── persistence ───────────────────────────────────────────────────────────────
 
@@ -509,8 +536,11 @@ def neighbors_from_entries(
     tok = entries.token_id[safe].tolist()
     cap = entries.caption_id[safe].tolist()
     pos = entries.position[safe].tolist()
+    rows = safe.tolist()
     out = []
-    for qs, ql, qt, qc, qp in zip(scores.tolist(), layer.tolist(), tok, cap, pos, strict=True):
+    for qs, ql, qt, qc, qp, qr in zip(
+        scores.tolist(), layer.tolist(), tok, cap, pos, rows, strict=True
+    ):
         out.append(
             [
                 Neighbor(
@@ -520,8 +550,9 @@ def neighbors_from_entries(
                     position=p,
                     token_id=t,
                     contextual_layer=lay,
+                    char_span=entries.char_span(r),
                 )
-                for s, lay, t, c, p in zip(qs, ql, qt, qc, qp, strict=True)
+                for s, lay, t, c, p, r in zip(qs, ql, qt, qc, qp, qr, strict=True)
                 if lay >= 0
             ]
         )

@@ -34,6 +34,9 @@ class Neighbor:
         position: LatentLens: the neighbour's index among its sentence's tokens.
         token_id: the vocabulary id (-1 when unknown).
         contextual_layer: LatentLens: the bank layer the neighbour was found in.
+        char_span: LatentLens: ``(start, end)`` of this occurrence of the token in
+            ``caption`` when the bank knows it (not in :meth:`to_dict`, which keeps the
+            original's fields; see :meth:`to_json`).
     """
 
     token_str: str
@@ -42,6 +45,7 @@ class Neighbor:
     position: int = -1
     token_id: int = -1
     contextual_layer: int = -1
+    char_span: tuple[int, int] | None = field(default=None, compare=False)
 
     @property
     def score(self) -> float:
@@ -55,7 +59,16 @@ class Neighbor:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with the original release's field names."""
-        return asdict(self)
+        d = asdict(self)
+        del d["char_span"]
+        return d
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`to_dict` plus ``char_span`` when known (our JSON files and views)."""
+        d = self.to_dict()
+        if self.char_span is not None:
+            d["char_span"] = list(self.char_span)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Neighbor:
@@ -67,6 +80,7 @@ class Neighbor:
             position=int(d.get("position", -1)),
             token_id=int(d.get("token_id", -1)),
             contextual_layer=int(d.get("contextual_layer", -1)),
+            char_span=tuple(d["char_span"]) if d.get("char_span") else None,  # type: ignore[arg-type]
         )
 
 
@@ -342,7 +356,7 @@ def patch_entry(
         "patch_row": rc[0],
         "patch_col": rc[1],
         **(address_fields(address) if address is not None else {}),
-        "nearest_contextual_neighbors": [n.to_dict() for n in neighbors],
+        "nearest_contextual_neighbors": [n.to_json() for n in neighbors],
     }
 
 

@@ -158,14 +158,18 @@ def test_explain_image_matches_direct_search(tiny_bank_and_model, tmp_path):
     d = ex.to_dict(all_patches=True)
     patch = d["layers"]["3"]["patches"][9]
     assert (patch["patch_idx"], patch["patch_row"], patch["patch_col"]) == (9, 2, 1)
-    assert set(patch["nearest_contextual_neighbors"][0]) == {
+    nb = patch["nearest_contextual_neighbors"][0]
+    assert set(nb) == {
         "token_str",
         "similarity",
         "caption",
         "position",
         "token_id",
         "contextual_layer",
+        "char_span",  # ours: which occurrence of the token in the caption
     }
+    start, end = nb["char_span"]
+    assert nb["caption"][start:end] == nb["token_str"].strip()
     assert "layer 1" in ex.table()
     patch_figure(ex).savefig(tmp_path / "fig.png")
     png = np.asarray(Image.open(tmp_path / "fig.png"))

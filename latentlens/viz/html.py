@@ -42,10 +42,11 @@ const D = JSON.parse(document.getElementById('data').textContent);
 const grid = document.getElementById('grid');
 let pinned = null;
 function esc(s){return s.replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
-function mark(caption, tok){
-  const t = tok.trim(); const i = t ? caption.toLowerCase().indexOf(t.toLowerCase()) : -1;
-  if(i < 0) return esc(caption);
-  return esc(caption.slice(0,i)) + '<b>' + esc(caption.slice(i,i+t.length)) + '</b>' + esc(caption.slice(i+t.length));
+function mark(caption, span){
+  // the bank row's own occurrence of the token (its character span), never a search
+  if(!span) return esc(caption);
+  const [i, j] = span;
+  return esc(caption.slice(0,i)) + '<b>' + esc(caption.slice(i,j)) + '</b>' + esc(caption.slice(j));
 }
 function show(p){
   const r = Math.floor(p / D.grid[1]), c = p % D.grid[1];
@@ -55,7 +56,7 @@ function show(p){
     out += `<table class="layer"><tr><th colspan="4">layer ${layer}</th></tr>`;
     for (const n of D.neighbors[layer][p]){
       out += `<tr><td class="sim">${n[1].toFixed(3)}</td><td class="tok">${esc(JSON.stringify(n[0]))}</td>`+
-             `<td>L${n[2]}</td><td class="cap">${mark(D.captions[n[3]], n[0])}</td></tr>`;
+             `<td>L${n[2]}</td><td class="cap">${mark(D.captions[n[3]], n[4])}</td></tr>`;
     }
     out += '</table>';
   }
@@ -93,6 +94,7 @@ def explorer_html(ex: ImageExplanation, display_size: int = 512) -> str:
                     round(n.similarity, 4),
                     n.contextual_layer,
                     captions.setdefault(n.caption, len(captions)),
+                    list(n.char_span) if n.char_span else None,
                 ]
                 for n in patch
             ]
@@ -151,6 +153,11 @@ const D = JSON.parse(document.getElementById('data').textContent);
 const grid = document.getElementById('grid'), img = document.getElementById('frame');
 let pinned = null;
 function esc(s){return s.replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
+function mark(caption, span){
+  if(!span) return esc(caption);
+  const [i, j] = span;
+  return esc(caption.slice(0,i)) + '<b>' + esc(caption.slice(i,j)) + '</b>' + esc(caption.slice(j));
+}
 function show(t){
   const a = D.tokens[t];
   document.getElementById('title').textContent =
@@ -160,7 +167,7 @@ function show(t){
     out += `<table class="layer"><tr><th colspan="4">layer ${layer}</th></tr>`;
     for (const n of D.neighbors[layer][t]){
       out += `<tr><td class="sim">${n[1].toFixed(3)}</td><td class="tok">${esc(JSON.stringify(n[0]))}</td>`+
-             `<td>L${n[2]}</td><td class="cap">${esc(D.captions[n[3]])}</td></tr>`;
+             `<td>L${n[2]}</td><td class="cap">${mark(D.captions[n[3]], n[4])}</td></tr>`;
     }
     out += '</table>';
   }
@@ -206,6 +213,7 @@ def video_explorer_html(ex: VideoExplanation, display_size: int = 512) -> str:
                     round(n.similarity, 4),
                     n.contextual_layer,
                     captions.setdefault(n.caption, len(captions)),
+                    list(n.char_span) if n.char_span else None,
                 ]
                 for n in token
             ]

@@ -1,0 +1,108 @@
+"""Character spans: each bank row knows which occurrence of its token it is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from latentlens import constants as C
+from latentlens.bank import Entries
+from latentlens.extract import build_index
+from latentlens.index import ContextualIndex
+from latentlens.spans import caption_offsets
+from tests.tiny import tiny_causal_lm, tiny_tokenizer
+
+CAPTIONS = [
+    "the cat saw the dog near the tree",  # "the" three times
+    "a dog and a cat",
+    "the red car",
+]
+
+
+@pytest.fixture(scope="module")
+def bank():
+    torch.manual_seed(0)
+    return build_index(
+        "tiny",
+        CAPTIONS,
+        layers=[1, 2],
+        model=tiny_causal_lm("llama"),
+        tokenizer=tiny_tokenizer(),
+        show_progress=False,
+        max_contexts_per_token=None,
+    )
+
+
+def test_every_row_points_at_its_own_occurrence(bank):
+    entries = bank.entries
+    assert entries.span_source == "stored" and entries.span is not None
+    seen = {}
+    for i in range(len(entries)):
+        rec = entries.record(i)
+        start, end = rec["char_span"]
+        if rec["token_str"] != "<unk>":  # an unknown word still has its place
+            assert rec["caption"][start:end] == rec["token_str"].strip()
+        seen.setdefault((rec["caption"], rec["token_str"]), []).append(start)
+    # the "the"s of the first caption (the first may be skipped at build) are each its own
+    starts = seen[(CAPTIONS[0], "the")]
+    assert len(starts) >= 2 and starts == sorted(set(starts)) and set(starts) <= {0, 12, 25}
+
+
+def test_search_results_carry_the_span_and_the_json_keeps_the_original_fields(bank):
+    state = bank._layers[2][0].float()
+    nb = bank.search(state, top_k=1, layers=[2])[0][0]
+    assert nb.char_span is not None and nb.caption[slice(*nb.char_span)] == nb.token_str.strip()
+    assert "char_span" not in nb.to_dict()  # the original release's fields only
+    assert nb.to_json()["char_span"] == list(nb.char_span)
+
+
+def test_spans_survive_save_and_older_banks_get_computed_ones(bank, tmp_path):
+    path = bank.save(tmp_path / "new")
+    assert json.loads((path / C.CONFIG_FILE).read_text())["format_version"] == "1.1"
+    again = ContextualIndex.from_directory(path)
+    assert again.entries.span_source == "stored"
+    assert torch.equal(again.entries.span, bank.entries.span)
+
+    old = ContextualIndex(
+        {k: v for k, v in bank._layers.items()},
+        Entries(
+            bank.entries.token_id,
+            bank.entries.caption_id,
+            bank.entries.position,
+            bank.entries.captions,
+            bank.entries.token_strs,
+        ),
+    )
+    old_path = old.save(tmp_path / "old")  # no spans: as format 1.0 wrote it
+    loaded = ContextualIndex.from_directory(old_path)
+    assert loaded.entries.span_source == "none" and loaded.entries.span is None
+    assert loaded._layers_data[1]["metadata"][0].get("char_span") is None
+    loaded.attach_spans(tiny_tokenizer())
+    assert loaded.entries.span_source == "computed"
+    assert torch.equal(loaded.entries.span, bank.entries.span)
+
+
+def test_special_tokens_and_spaces_have_no_span():
+    offsets = caption_offsets(tiny_tokenizer(), ["  the cat "])
+    assert offsets is not None
+    assert offsets[0][0] == (-1, -1)  # <s>
+    assert offsets[0][1] == (2, 5)  # "the", without the leading spaces
+
+
+def test_the_explorer_highlights_the_rows_own_occurrence():
+    from PIL import Image
+
+    from latentlens.results import ImageExplanation, Neighbor
+    from latentlens.viz.html import explorer_html
+
+    caption = "the bank robber sat near the bank"
+    second = Neighbor(
+        "bank", 0.9, caption, position=7, token_id=5, contextual_layer=1, char_span=(29, 33)
+    )
+    ex = ImageExplanation(Image.new("RGB", (8, 8)), (1, 1), {1: [[second]]}, [0], top_k=1)
+    page = explorer_html(ex)
+    payload = json.loads(page.split('type="application/json">')[1].split("</script>")[0])
+    assert payload["neighbors"]["1"][0][0][4] == [29, 33]
+    assert "mark(D.captions[n[3]], n[4])" in page and "indexOf" not in page
