@@ -189,6 +189,8 @@ def _patch_records(lens_name: LensName, lens: Any, flat: torch.Tensor) -> list[d
                         "position": p.position,
                         "similarity": p.score,
                         "contextual_layer": p.contextual_layer,
+                        # ours (the original evaluator ignores it): this occurrence's place
+                        **({"char_span": list(p.char_span)} if p.char_span else {}),
                     }
                     for p in row
                 ]

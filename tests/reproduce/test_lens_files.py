@@ -107,7 +107,13 @@ def build(name: str) -> MolmoModel:
 def tiny_index(d: int = 32, n: int = 40) -> ContextualIndex:
     g = torch.Generator().manual_seed(7)
     meta = [
-        {"token_str": f" w{i}", "token_id": 10 + i, "caption": f"caption {i}", "position": i % 5}
+        {
+            "token_str": f" w{i}",
+            "token_id": 10 + i,
+            "caption": f"caption w{i}",
+            "position": i % 5,
+            "char_span": [8, 9 + len(str(i))],  # "w{i}" in "caption w{i}"
+        }
         for i in range(n)
     ]
     layers = {1: torch.randn(n, d, generator=g), 2: torch.randn(n, d, generator=g)}
@@ -204,6 +210,9 @@ def test_contents_are_the_lenses_on_the_right_states(olmo_run):
             (w.token_id, w.contextual_layer, w.caption) for w in want
         ]
         assert [n["similarity"] for n in got] == pytest.approx([w.similarity for w in want])
+        # each neighbour says where its occurrence of the token sits in its caption
+        assert all(n["char_span"] == list(w.char_span) for n, w in zip(got, want, strict=True))
+        assert all(n["caption"][slice(*n["char_span"])] == n["token_str"].strip() for n in got)
     logit = LogitLens(model.llm, model.tokenizer, top_k=TOP_K)
     emb = EmbeddingLens(model.llm, model.tokenizer, top_k=TOP_K)
     doc0 = _load(written["logitlens"][0])["results"][2]["chunks"][0]["patches"][4]
