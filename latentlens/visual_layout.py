@@ -11,6 +11,7 @@ supplies the geometry of each input.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -67,10 +68,13 @@ def layout_visual_tokens(
         inputs: the processor's output (``input_ids``, and ``mm_token_type_ids``,
             ``image_grid_thw`` / ``video_grid_thw`` / ``image_sizes`` where it gives them).
         processor: the processor (its image processor's resize/crop, separator tokens).
-        image_sizes: ``(W, H)`` of each original image, in input order (pixel boxes).
-        video_sizes: ``(W, H)`` of each video's frames.
+        image_sizes: ``(W, H)`` of each original image of this sequence, in order (pixel
+            boxes).
+        video_sizes: ``(W, H)`` of each video's frames (this sequence's).
         video_frames: the number of frames of each video as given to the processor.
-        batch_index: which sequence of the batch.
+        batch_index: which sequence of the batch (padding on either side); per-image
+            entries of the batch (``image_grid_thw``, ``image_sizes``, …) are matched to it by
+            counting the earlier sequences' visual tokens.
 
     Raises:
         UnsupportedArchitectureError: the family's geometry is not known.
@@ -78,21 +82,27 @@ def layout_visual_tokens(
     """
     name, family = visual_family(model)
     ids = torch.as_tensor(inputs["input_ids"]).cpu()
+    ids = ids if ids.ndim == 2 else ids[None]
     types = inputs.get("mm_token_type_ids")
     if types is not None:
         types = torch.as_tensor(types).cpu()
-        types = types if types.ndim == 1 else types[batch_index]
-    x = LayoutInput(
-        model,
-        name,
-        family,
-        ids if ids.ndim == 1 else ids[batch_index],
-        types,
-        inputs,
-        processor,
-        image_sizes,
-        video_sizes,
-        video_frames,
+        types = types if types.ndim == 2 else types[None]
+
+    def row(b: int) -> LayoutInput:
+        t = types[b] if types is not None else None
+        return LayoutInput(model, name, family, ids[b], t, inputs, processor)
+
+    earlier = [row(b) for b in range(batch_index)]
+    before = (
+        sum(r.positions(1).numel() for r in earlier),
+        sum(r.positions(2).numel() for r in earlier),
+    )
+    x = dataclasses.replace(
+        row(batch_index),
+        image_sizes=image_sizes,
+        video_sizes=video_sizes,
+        video_frames=video_frames,
+        before=before,
     )
     if family.video_layout == "pooled_frames" and x.positions(2).numel():
         return grids.pooled_frames(x)

@@ -403,3 +403,35 @@ def test_the_picture_uses_a_grid_that_covers_the_whole_image(family: str, crop):
     x0 = min(a.pixel_box[0] for a in main)
     x1 = max(a.pixel_box[2] for a in main)
     assert x0 == pytest.approx(0, abs=0.5) and x1 == pytest.approx(64, abs=0.5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next", "molmo2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_the_second_sequence_of_a_padded_batch_is_laid_out_like_alone(family: str, side: str):
+    s = build(family)
+    first, second = [noise(64, 48, 1)], [noise(40, 56, 2), noise(48, 48, 3)]
+    tok = s.processor.tokenizer
+    tok.padding_side = side
+    try:
+        batch = dict(
+            s.processor(
+                text=[s.prompt(1), s.prompt(2)],
+                images=first + second,
+                return_tensors="pt",
+                padding=True,
+                **(s.kwargs or {}),
+            )
+        )
+    finally:
+        tok.padding_side = "right"
+    alone = encode(s, second)
+    sizes = [im.size for im in second]
+    got = layout_visual_tokens(s.model, batch, s.processor, image_sizes=sizes, batch_index=1)
+    want = layout_visual_tokens(s.model, alone, s.processor, image_sizes=sizes)
+    pad = int((batch["attention_mask"][1] == 0).sum()) if side == "left" else 0
+    assert [t.sequence_position - pad for t in got.tokens] == [
+        t.sequence_position for t in want.tokens
+    ]
+    strip = [(t.image_index, t.crop, t.row, t.col, t.pixel_box) for t in got.tokens]
+    assert strip == [(t.image_index, t.crop, t.row, t.col, t.pixel_box) for t in want.tokens]
+    assert got.grids == want.grids

@@ -86,10 +86,12 @@ def anyres(x: LayoutInput) -> VisualLayout:
     tile = int(get_config_attr(x.model, "vision_config.image_size"))
     side = tile // patch_size(x)
     layout = VisualLayout(x.name, [])
+    every = [(int(w), int(h)) for h, w in x.need("image_sizes").reshape(-1, 2).tolist()]
+    shapes = [_high_res(o, config.image_grid_pinpoints, tile, side) for o in every]
+    counts = [side * side + hr.rows * (hr.cols + 1) for hr in shapes]
+    mine = x.own("image_sizes", list(zip(every, shapes, strict=True)), counts)
     k = 0
-    for i, (oh, ow) in enumerate(x.need("image_sizes").reshape(-1, 2).tolist()):
-        orig = (int(ow), int(oh))  # the processor records each original [H, W]
-        hr = _high_res(orig, config.image_grid_pinpoints, tile, side)
+    for i, (orig, hr) in enumerate(mine):  # the processor records each original [H, W]
         n = side * side + hr.rows * (hr.cols + 1)
         if k + n > len(pos):
             raise LatentLensError(

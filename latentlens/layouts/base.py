@@ -217,8 +217,10 @@ class LayoutInput:
         model: the VLM (or its config). name: its family name. family: its facts.
         ids: ``[T]`` token ids. types: ``[T]`` ``mm_token_type_ids`` when the processor
         gives them. inputs: the processor's whole output. processor: the processor.
-        image_sizes / video_sizes: ``(W, H)`` of each original image / video frame.
-        video_frames: the frames of each video as given to the processor.
+        image_sizes / video_sizes: ``(W, H)`` of each original image / video frame of
+        this sequence. video_frames: the frames of each video as given to the processor.
+        before: image and video tokens in the batch's earlier sequences (to find this
+        sequence's rows of per-image entries such as ``image_grid_thw``).
     """
 
     model: Any
@@ -231,10 +233,36 @@ class LayoutInput:
     image_sizes: Sequence[tuple[int, int] | None] = ()
     video_sizes: Sequence[tuple[int, int] | None] = ()
     video_frames: Sequence[int | None] = ()
+    before: tuple[int, int] = (0, 0)
+
+    def own(
+        self, key: str, entries: Sequence[Any], counts: Sequence[int], kind: int = 1
+    ) -> list[Any]:
+        """This sequence's share of per-image (``kind`` 1) or per-video (2) entries of the
+        whole batch, each taking ``counts[i]`` tokens: the ones after the earlier
+        sequences' tokens, up to this sequence's own.
+
+        Raises:
+            LatentLensError: the counts do not split at this sequence's boundaries.
+        """
+        skip, mine = self.before[kind - 1], self.positions(kind).numel()
+        out, seen, used = [], 0, 0
+        for entry, count in zip(entries, counts, strict=True):
+            if skip <= seen < skip + mine:
+                out.append(entry)
+                used += count
+            seen += count
+        if used != mine:
+            raise LatentLensError(
+                f"{self.name}: {key} (token counts {list(counts)}) does not account for this "
+                f"sequence's {mine} {'image' if kind == 1 else 'video'} tokens (after {skip} "
+                "in earlier sequences): inputs from another prompt or processor?"
+            )
+        return out
 
     def positions(self, kind: int = 1) -> torch.Tensor:
         """``[n]`` positions of the image (``kind`` 1) or video (2) tokens."""
-        if self.types is not None:  # the processor says which tokens are which
+        if self.types is not None and self.family.token_types:  # the processor marks them
             return (self.types == kind).nonzero().flatten()
         attr = self.family.image_token_attr if kind == 1 else self.family.video_token_attr
         token = int_attr(self.model, attr)

@@ -32,7 +32,8 @@ def grid_thw(x: LayoutInput) -> VisualLayout:
         pos = x.positions(kind).tolist()
         if not pos:
             continue
-        thw = x.need(key).reshape(-1, 3).tolist()
+        every = x.need(key).reshape(-1, 3).tolist()
+        thw = x.own(key, every, [t * (h // merge) * (w // merge) for t, h, w in every], kind)
         counts = [t * (h // merge) * (w // merge) for t, h, w in thw]
         if sum(counts) != len(pos):
             raise LatentLensError(
@@ -156,11 +157,9 @@ def row_break(x: LayoutInput) -> VisualLayout:
 
 def low_high(x: LayoutInput) -> VisualLayout:
     """Molmo 2: per image the low-res grid then the high-res grid, from ``image_grids``."""
-    token = int_attr(x.model, x.family.image_token_attr)
-    pos = (x.ids == token).nonzero().flatten().tolist() if token is not None else []
-    if not pos:
-        raise LatentLensError(f"{x.name}: no image tokens in the sequence: was the image passed?")
-    grids = x.need("image_grids").reshape(-1, 4).tolist()
+    pos = x.image_positions()
+    every = x.need("image_grids").reshape(-1, 4).tolist()
+    grids = x.own("image_grids", every, [a * b + c * d for a, b, c, d in every])
     if sum(a * b + c * d for a, b, c, d in grids) != len(pos):
         raise LatentLensError(f"{x.name}: image_grids {grids} do not account for {len(pos)} tokens")
     tok = getattr(x.processor, "tokenizer", None)

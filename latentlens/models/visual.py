@@ -60,6 +60,8 @@ class VisualFamily:
             column, 1-based, or with the tile's 1-based row-major number, the canvas then
             recomputed from the image size) and before the thumbnail's (``tiles``).
         marker_tokens: other tokens around the runs that are reported (``tiles``).
+        token_types: whether the processor's ``mm_token_type_ids`` mark exactly the
+            patch tokens (Molmo 2's also mark its column and start/end tokens).
         tile_separators: ``(next column, next row)`` tokens between tile runs, when no
             marker names the tile (Llama 4).
         tile_fit: how the image fills its ``rows × cols`` tiles: ``squash`` (resized to
@@ -83,6 +85,7 @@ class VisualFamily:
     tile_marker: str | None = None
     global_marker: str | None = None
     marker_tokens: tuple[str, ...] = ()
+    token_types: bool = True
     tile_separators: tuple[str, str] | None = None
     tile_fit: Literal["squash", "pad"] = "squash"
     video: bool = False
@@ -154,6 +157,7 @@ VISUAL_FAMILIES: dict[str, VisualFamily] = {
         layout="low_high",
         image_token_attr="image_patch_id",
         marker_tokens=("<im_col>", "<low_res_im_start>", "<im_start>", "<im_end>"),
+        token_types=False,
         notes="image_grids = [low_h, low_w, high_h, high_w]; <im_col> after each row.",
     ),
     "aya_vision": VisualFamily(
