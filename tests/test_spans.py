@@ -106,3 +106,50 @@ def test_the_explorer_highlights_the_rows_own_occurrence():
     payload = json.loads(page.split('type="application/json">')[1].split("</script>")[0])
     assert payload["neighbors"]["1"][0][0][4] == [29, 33]
     assert "mark(D.captions[n[3]], n[4])" in page and "indexOf" not in page
+
+
+@pytest.mark.skipif(
+    not __import__("shutil").which("chromium"), reason="Debian's chromium is not installed"
+)
+def test_both_explorer_pages_run_in_a_real_browser_and_mark_the_right_occurrence(tmp_path):
+    import subprocess
+
+    from PIL import Image
+
+    from latentlens.results import ImageExplanation, Neighbor, VideoExplanation
+    from latentlens.visual_layout import TokenAddress
+    from latentlens.viz.html import explorer_html, video_explorer_html
+
+    caption = "the bank robber sat near the bank"
+    nb = Neighbor("bank", 0.9, caption, 7, 5, 1, char_span=(29, 33))
+    image = Image.new("RGB", (8, 8))
+    pages = {
+        "image": explorer_html(ImageExplanation(image, (1, 1), {1: [[nb]]}, [0], top_k=1)),
+        "video": video_explorer_html(
+            VideoExplanation(
+                [image] * 4,
+                [TokenAddress(3, 0, 0, 0, f, (f, f + 1), None, (0, 0, 8, 8)) for f in (0, 2)],
+                {1: [[nb], [nb]]},
+                [0],
+                top_k=1,
+            )
+        ),
+    }
+    for name, page in pages.items():
+        path = tmp_path / f"{name}.html"
+        path.write_text(page, encoding="utf-8")
+        dom = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--dump-dom",
+                path.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        assert 'data-ready="yes"' in dom, f"the {name} page's script did not finish"
+        assert "sat near the <b>bank</b>" in dom and "the <b>bank</b> robber" not in dom

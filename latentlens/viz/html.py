@@ -15,6 +15,28 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from latentlens.results import ImageExplanation, VideoExplanation
 
+# esc / mark (highlight a neighbour's own occurrence by its span) / the per-layer tables,
+# shared by both pages
+_COMMON_JS = """function esc(s){return s.replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
+function mark(caption, span){
+  // the bank row's own occurrence of the token (its character span), never a search
+  if(!span) return esc(caption);
+  const [i, j] = span;
+  return esc(caption.slice(0,i)) + '<b>' + esc(caption.slice(i,j)) + '</b>' + esc(caption.slice(j));
+}
+function tables(t){
+  let out = '';
+  for (const layer of D.layers){
+    out += `<table class="layer"><tr><th colspan="4">layer ${layer}</th></tr>`;
+    for (const n of D.neighbors[layer][t]){
+      out += `<tr><td class="sim">${n[1].toFixed(3)}</td><td class="tok">${esc(JSON.stringify(n[0]))}</td>`+
+             `<td>L${n[2]}</td><td class="cap">${mark(D.captions[n[3]], n[4])}</td></tr>`;
+    }
+    out += '</table>';
+  }
+  document.getElementById('tables').innerHTML = out;
+}"""
+
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>latentlens — __TITLE__</title>
@@ -41,26 +63,11 @@ th{background:#f4f4f4}.sim{font-family:monospace}.tok{font-weight:600}.cap{color
 const D = JSON.parse(document.getElementById('data').textContent);
 const grid = document.getElementById('grid');
 let pinned = null;
-function esc(s){return s.replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
-function mark(caption, span){
-  // the bank row's own occurrence of the token (its character span), never a search
-  if(!span) return esc(caption);
-  const [i, j] = span;
-  return esc(caption.slice(0,i)) + '<b>' + esc(caption.slice(i,j)) + '</b>' + esc(caption.slice(j));
-}
+__COMMON_JS__
 function show(p){
   const r = Math.floor(p / D.grid[1]), c = p % D.grid[1];
   document.getElementById('title').textContent = `patch ${p} (row ${r}, col ${c})`;
-  let out = '';
-  for (const layer of D.layers){
-    out += `<table class="layer"><tr><th colspan="4">layer ${layer}</th></tr>`;
-    for (const n of D.neighbors[layer][p]){
-      out += `<tr><td class="sim">${n[1].toFixed(3)}</td><td class="tok">${esc(JSON.stringify(n[0]))}</td>`+
-             `<td>L${n[2]}</td><td class="cap">${mark(D.captions[n[3]], n[4])}</td></tr>`;
-    }
-    out += '</table>';
-  }
-  document.getElementById('tables').innerHTML = out;
+  tables(p);
 }
 for (let p = 0; p < D.grid[0] * D.grid[1]; p++){
   const d = document.createElement('div');
@@ -121,7 +128,7 @@ def explorer_html(ex: ImageExplanation, display_size: int = 512) -> str:
         ),
         "__DATA__": payload,
     }
-    page = _PAGE
+    page = _PAGE.replace("__COMMON_JS__", _COMMON_JS)
     for key, value in subs.items():
         page = page.replace(key, value)
     return page
@@ -152,26 +159,12 @@ table.layer td,table.layer th{padding:2px 8px;text-align:left;vertical-align:top
 const D = JSON.parse(document.getElementById('data').textContent);
 const grid = document.getElementById('grid'), img = document.getElementById('frame');
 let pinned = null;
-function esc(s){return s.replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
-function mark(caption, span){
-  if(!span) return esc(caption);
-  const [i, j] = span;
-  return esc(caption.slice(0,i)) + '<b>' + esc(caption.slice(i,j)) + '</b>' + esc(caption.slice(j));
-}
+__COMMON_JS__
 function show(t){
   const a = D.tokens[t];
   document.getElementById('title').textContent =
     `token ${t}: frames ${a[0]}-${a[1]}, row ${a[2]}, col ${a[3]} (position ${a[4]})`;
-  let out = '';
-  for (const layer of D.layers){
-    out += `<table class="layer"><tr><th colspan="4">layer ${layer}</th></tr>`;
-    for (const n of D.neighbors[layer][t]){
-      out += `<tr><td class="sim">${n[1].toFixed(3)}</td><td class="tok">${esc(JSON.stringify(n[0]))}</td>`+
-             `<td>L${n[2]}</td><td class="cap">${mark(D.captions[n[3]], n[4])}</td></tr>`;
-    }
-    out += '</table>';
-  }
-  document.getElementById('tables').innerHTML = out;
+  tables(t);
 }
 function group(g){
   const G = D.groups[g];
@@ -261,7 +254,7 @@ def video_explorer_html(ex: VideoExplanation, display_size: int = 512) -> str:
         ),
         "__DATA__": payload,
     }
-    page = _VIDEO_PAGE
+    page = _VIDEO_PAGE.replace("__COMMON_JS__", _COMMON_JS)
     for key, value in subs.items():
         page = page.replace(key, value)
     return page
