@@ -45,7 +45,7 @@ def explain_image(
     """Run the VLM once on ``image`` and search the bank with every visual token's state.
 
     Args:
-        model: a registered HF VLM (Qwen2-VL, Qwen2.5-VL, LLaVA-style).
+        model: a HF VLM of a family with a known layout (see docs/vlm_compatibility.md).
         processor: its processor.
         image: an RGB image; centre-cropped and resized to ``size`` (``None``: as is).
         index: the contextual bank (built from this VLM's language model).

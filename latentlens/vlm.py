@@ -1,11 +1,11 @@
-"""Visual tokens of Hugging Face VLMs: where they sit, their patch grid, their hidden states.
+"""Visual tokens of Hugging Face VLMs: their hidden states, each with its address.
 
-`visual_token_states` is the one route from images to per-layer visual-token states with
-their grid addresses; `locate_visual_tokens` finds the positions and the grid.
-
-Supported through the registry's ``visual_grid`` fact: Qwen2-VL / Qwen2.5-VL (the
-processor's ``image_grid_thw`` divided by the spatial merge size, tokens row-major over the
-merged grid) and LLaVA-style models (a square grid of all image tokens, row-major).
+`visual_token_states` (images) and `video_token_states` (videos) are the one route from
+pixels to per-layer visual-token states; every token is addressed by
+:func:`latentlens.visual_layout.layout_visual_tokens` for the families of
+:mod:`latentlens.models.visual` (see docs/vlm_compatibility.md). `locate_visual_tokens`
+is the older single-grid lookup of the registry's ``visual_grid`` fact (Qwen2-VL,
+Qwen2.5-VL, LLaVA), kept for registered families without a layout entry.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def visual_token_states(
     through its own adapter, by the connector VLMs of `molmo`.
 
     Args:
-        model: a HF VLM (Qwen2-VL, Qwen2.5-VL, LLaVA-style).
+        model: a HF VLM of a family with a known layout (see docs/vlm_compatibility.md).
         processor: its processor.
         images: paths or PIL images.
         layers: hidden-state indices of the language model (0 = merged vision features).
