@@ -141,6 +141,13 @@ def _write(path: Path, text: str) -> None:
     "--patches", "patch_list", multiple=True, help="Patch 'row,col' to show instead (repeatable)."
 )
 @click.option(
+    "--lenses",
+    "lens_names",
+    default="latentlens",
+    show_default=True,
+    help="Lenses to run: latentlens plus logitlens and/or embeddinglens (the three-lens view).",
+)
+@click.option(
     "--size",
     default=448,
     show_default=True,
@@ -163,6 +170,7 @@ def explain_image_command(
     bank_layers,
     num_patches,
     patch_list,
+    lens_names,
     seed,
     top_k,
     size,
@@ -225,6 +233,7 @@ def explain_image_command(
             size=size,
             num_patches=num_patches,
             seed=seed,
+            lenses=[x.strip() for x in lens_names.split(",") if x.strip()],
         )
         if patch_list:
             rc = [parse_int_list(p) for p in patch_list]

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from latentlens.index import ContextualIndex
+from latentlens.lenses import EmbeddingLens, LogitLens
 from latentlens.results import ImageExplanation, VideoExplanation
 from latentlens.vlm import (
     DEFAULT_PROMPT,
@@ -17,6 +18,9 @@ from latentlens.vlm import (
     video_token_states,
     visual_token_states,
 )
+
+LENSES = ("latentlens", "logitlens", "embeddinglens")
+_BASELINES = {"logitlens": LogitLens, "embeddinglens": EmbeddingLens}
 
 
 def sample_patches(n_patches: int, k: int, seed: int = 10) -> list[int]:
@@ -41,6 +45,7 @@ def explain_image(
     patches: Sequence[int] | None = None,
     num_patches: int = 10,
     seed: int = 10,
+    lenses: Sequence[str] = ("latentlens",),
 ) -> ImageExplanation:
     """Run the VLM once on ``image`` and search the bank with every visual token's state.
 
@@ -54,11 +59,25 @@ def explain_image(
         prompt: text after the image token (plain text, no chat template).
         bank_layers: bank layers searched (default all: the paper's "allLayers").
         patches: patch indices to highlight; default ``num_patches`` sampled with ``seed``.
+        lenses: besides ``latentlens`` (always run), ``logitlens`` and ``embeddinglens``:
+            the baselines on the same states, for the three-lens view.
 
     Returns:
-        An :class:`ImageExplanation` with neighbours for every patch and layer.
+        An :class:`ImageExplanation` with neighbours for every patch and layer (and the
+        baselines' predictions when asked).
+
+    Raises:
+        ValueError: an unknown lens, or patches outside the grid.
     """
+    unknown = sorted(set(lenses) - set(LENSES))
+    if unknown:
+        raise ValueError(f"unknown lens(es) {unknown}; choose from {', '.join(LENSES)}")
     seen = visual_token_states(model, processor, [image], layers, size=size, prompt=prompt)[0]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    baselines = {}
+    for name in (x for x in LENSES if x in lenses and x in _BASELINES):
+        lens = _BASELINES[name](model, tokenizer, top_k)
+        baselines[name] = {layer: lens.predict(states) for layer, states in seen.states.items()}
     n = seen.grid[0] * seen.grid[1]
     neighbors = {
         layer: index.search(states, top_k=top_k, layers=bank_layers)
@@ -80,6 +99,7 @@ def explain_image(
         addresses=seen.addresses,
         family=str(getattr(model.config, "model_type", "")),
         layout=seen.layout.to_json() if seen.layout is not None else {},
+        baselines=baselines,
     )
 
 

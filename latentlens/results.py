@@ -271,6 +271,8 @@ class ImageExplanation:
             pixel box in the original image), when the family's geometry is known.
         family: the VLM family (``config.model_type``).
         layout: the family's grids and separators (``VisualLayout.to_json()``).
+        baselines: ``{"logitlens" | "embeddinglens": {layer: [N lists of Neighbor]}}``,
+            the baseline lenses on the same states, when asked.
     """
 
     image: Image.Image
@@ -285,6 +287,7 @@ class ImageExplanation:
     addresses: list[Any] = field(default_factory=list)
     family: str = ""
     layout: dict[str, Any] = field(default_factory=dict)
+    baselines: dict[str, dict[int, list[list[Neighbor]]]] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
@@ -333,12 +336,15 @@ class ImageExplanation:
                 str(layer): {
                     "visual_layer": layer,
                     "patches": [
-                        patch_entry(
-                            p,
-                            self.rc(p),
-                            self.addresses[p] if self.addresses else None,
-                            self.neighbors[layer][p],
-                        )
+                        {
+                            **patch_entry(
+                                p,
+                                self.rc(p),
+                                self.addresses[p] if self.addresses else None,
+                                self.neighbors[layer][p],
+                            ),
+                            **baseline_fields(self.baselines, layer, p),
+                        }
                         for p in chosen
                     ],
                 }
@@ -358,6 +364,26 @@ def patch_entry(
         **(address_fields(address) if address is not None else {}),
         "nearest_contextual_neighbors": [n.to_json() for n in neighbors],
     }
+
+
+def baseline_fields(
+    baselines: Mapping[str, Mapping[int, list[list[Neighbor]]]], layer: int, patch: int
+) -> dict[str, Any]:
+    """The baseline lenses' predictions of one patch, in the original files' field names
+    (LogitLens ``top_predictions``: token, token_id, logit; EmbeddingLens
+    ``nearest_neighbors``: token, token_id, similarity)."""
+    out: dict[str, Any] = {}
+    if "logitlens" in baselines:
+        out["top_predictions"] = [
+            {"token": n.token_str, "token_id": n.token_id, "logit": n.similarity}
+            for n in baselines["logitlens"][layer][patch]
+        ]
+    if "embeddinglens" in baselines:
+        out["nearest_neighbors"] = [
+            {"token": n.token_str, "token_id": n.token_id, "similarity": n.similarity}
+            for n in baselines["embeddinglens"][layer][patch]
+        ]
+    return out
 
 
 def address_fields(a: Any) -> dict[str, Any]:

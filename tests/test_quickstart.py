@@ -202,6 +202,8 @@ def test_quickstart_script_end_to_end(tiny_bank_and_model, tmp_path):
         "cpu",
         "--json",
         "--html",
+        "--lenses",
+        "latentlens,logitlens,embeddinglens",
     ]
     out = subprocess.run(
         cmd,
@@ -218,6 +220,11 @@ def test_quickstart_script_end_to_end(tiny_bank_and_model, tmp_path):
     data = json.loads((tmp_path / "photo_latentlens.json").read_text())
     assert data["grid"] == [4, 4] and len(data["layers"]["1"]["patches"]) == 16
     assert len(data["layers"]["2"]["patches"][5]["nearest_contextual_neighbors"]) == 4
+    # the three-lens view: the baselines' predictions in the original files' field names
+    assert [set(p) for p in data["layers"]["2"]["patches"][5]["top_predictions"]] == [
+        {"token", "token_id", "logit"}
+    ] * 4
+    assert len(data["layers"]["1"]["patches"][0]["nearest_neighbors"]) == 4
     page = (tmp_path / "photo_latentlens.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page
     # bad input: one clear line, no traceback

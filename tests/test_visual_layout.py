@@ -435,3 +435,45 @@ def test_the_second_sequence_of_a_padded_batch_is_laid_out_like_alone(family: st
     strip = [(t.image_index, t.crop, t.row, t.col, t.pixel_box) for t in got.tokens]
     assert strip == [(t.image_index, t.crop, t.row, t.col, t.pixel_box) for t in want.tokens]
     assert got.grids == want.grids
+
+
+def test_three_lens_view_equals_each_lens_on_the_same_state(tmp_path):
+    from latentlens.explain import explain_image
+    from latentlens.extract import build_index
+    from latentlens.lenses import EmbeddingLens, LogitLens
+    from latentlens.viz.patches import patch_figure
+    from latentlens.vlm import encode_image_prompt
+    from tests.tiny import SENTENCES
+
+    s = build("llava_next")
+    tok = s.processor.tokenizer
+    index = build_index(
+        "tiny-llava-next",
+        SENTENCES[:12],
+        layers=[1, 2],
+        model=s.model,
+        tokenizer=tok,
+        show_progress=False,
+    )
+    image = noise(56, 40, 3)
+    lenses = ["latentlens", "logitlens", "embeddinglens"]
+    ex = explain_image(
+        s.model, s.processor, image, index, [0, 2], top_k=3, size=None, num_patches=2, lenses=lenses
+    )
+    inputs = encode_image_prompt(s.processor, image, "Describe this image in detail.")
+    with torch.inference_mode():
+        states = get_hidden_states(s.model, layers=[0, 2], **inputs)
+    logit, emb = LogitLens(s.model, tok, top_k=3), EmbeddingLens(s.model, tok, top_k=3)
+    doc = ex.to_dict(all_patches=True)
+    for layer in (0, 2):
+        for patch in doc["layers"][str(layer)]["patches"][::7]:
+            h = states[layer][0, patch["sequence_position"]][None]
+            assert [p["token_id"] for p in patch["top_predictions"]] == [
+                n.token_id for n in logit.predict(h)[0]
+            ]
+            assert [p["token_id"] for p in patch["nearest_neighbors"]] == [
+                n.token_id for n in emb.predict(h)[0]
+            ]
+    patch_figure(ex).savefig(tmp_path / "three.png")
+    with pytest.raises(ValueError, match="unknown lens"):
+        explain_image(s.model, s.processor, image, index, [0], lenses=["nope"])

@@ -17,7 +17,8 @@ _DISPLAY = 512  # the image is drawn at 512 px, like the original quickstart
 
 def patch_figure(ex: ImageExplanation, layers: list[int] | None = None) -> Figure:
     """The image with its patch grid and the highlighted patches boxed and numbered, beside a
-    table of each highlighted patch's top-1 neighbour (word, similarity, caption) per layer.
+    table of each highlighted patch's top-1 neighbour (word, similarity, caption) per layer,
+    and the LogitLens / EmbeddingLens top-1 beneath it when the explanation has them.
 
     Args:
         ex: the explanation to draw.
@@ -73,4 +74,11 @@ def patch_figure(ex: ImageExplanation, layers: list[int] | None = None) -> Figur
             )
             caption = textwrap.shorten(nb.caption, width=52, placeholder="…")
             fig.text(x + 0.01, y - 0.025, caption, fontsize=7, color="#555555")
+            others = [
+                f"{short}: {ex.baselines[name][layer][p][0].token_str.strip()!r}"
+                for name, short in (("logitlens", "logit"), ("embeddinglens", "emb"))
+                if name in ex.baselines
+            ]
+            if others:  # the baselines' top-1 on the same state (the three-lens view)
+                fig.text(x + 0.01, y - 0.045, "   ".join(others), fontsize=7, color="#1f4e99")
     return fig
