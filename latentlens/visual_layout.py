@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from latentlens.errors import LatentLensError
 from latentlens.layouts import anyres, grids, tiles
 from latentlens.layouts.base import (
     Box,
@@ -81,6 +82,8 @@ def layout_visual_tokens(
         LatentLensError: the inputs do not match the family's layout.
     """
     name, family = visual_family(model)
+    if inputs.get("input_ids") is None:
+        raise LatentLensError(f"{name}: the inputs have no input_ids (pass the processor's output)")
     ids = torch.as_tensor(inputs["input_ids"]).cpu()
     ids = ids if ids.ndim == 2 else ids[None]
     types = inputs.get("mm_token_type_ids")

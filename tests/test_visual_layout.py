@@ -220,6 +220,8 @@ def test_inputs_that_do_not_match_the_layout_are_refused():
     inputs = encode(s, [noise(64, 48, 1)])
     with pytest.raises(LatentLensError, match="image_grid_thw"):
         layout_visual_tokens(s.model, {**inputs, "image_grid_thw": torch.tensor([[1, 4, 4]])})
+    with pytest.raises(LatentLensError, match="no input_ids"):
+        layout_visual_tokens(s.model, {"pixel_values": inputs["pixel_values"]})
     with pytest.raises(LatentLensError, match="no 'image_grid_thw'"):
         layout_visual_tokens(s.model, {k: v for k, v in inputs.items() if k != "image_grid_thw"})
 
