@@ -37,7 +37,7 @@ from latentlens.models.hooks import get_hidden_states
 from latentlens.models.loading import default_compute_dtype, load_model
 from latentlens.models.registry import num_layers
 from latentlens.selection import Plan, Sampling, plan_entries
-from latentlens.spans import entry_spans
+from latentlens.spans import tokenize_with_spans
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def build_index(
         raise ValueError(f"layers {bad} out of range: this model has layers 0..{n_layers}")
     cfg = cfg.replace(layers=tuple(chosen))
     name = model_name or getattr(model.config, "_name_or_path", "") or ""
-    ids = tokenize(tokenizer, sentences, cfg.max_length)
+    ids, offsets = tokenize_with_spans(tokenizer, sentences, cfg.max_length)
     decode = _decoder(tokenizer)
     plan = plan_entries(
         ids,
@@ -271,7 +271,7 @@ def build_index(
         return ContextualIndex.from_directory(root, mmap=mmap)
     caption_id = torch.tensor(plan.sentence, dtype=torch.int64)
     position = torch.tensor(plan.position, dtype=torch.int64)
-    span = entry_spans(tokenizer, sentences, caption_id, position, cfg.max_length)
+    span = offsets.spans(sentences, caption_id, position) if offsets is not None else None
     entries = B.Entries(
         token_id=torch.tensor(plan.token_id, dtype=torch.int64),
         caption_id=caption_id,
@@ -310,10 +310,7 @@ def build_index(
 
 def tokenize(tokenizer: Any, sentences: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids of each sentence with the tokenizer's own special tokens (e.g. BOS)."""
-    out = tokenizer(
-        list(sentences), add_special_tokens=True, truncation=True, max_length=max_length
-    )
-    return [list(x) for x in out["input_ids"]]
+    return tokenize_with_spans(tokenizer, sentences, max_length, spans=False)[0]
 
 
 def _decoder(tokenizer: Any):

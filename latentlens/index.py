@@ -536,11 +536,13 @@ def neighbors_from_entries(
     tok = entries.token_id[safe].tolist()
     cap = entries.caption_id[safe].tolist()
     pos = entries.position[safe].tolist()
-    rows = safe.tolist()
+    # one gather for all hits, like the columns above (not one tensor index per neighbour)
+    spans = entries.span[safe].tolist() if entries.span is not None else None
     out = []
-    for qs, ql, qt, qc, qp, qr in zip(
-        scores.tolist(), layer.tolist(), tok, cap, pos, rows, strict=True
+    for q, (qs, ql, qt, qc, qp) in enumerate(
+        zip(scores.tolist(), layer.tolist(), tok, cap, pos, strict=True)
     ):
+        qspan = spans[q] if spans is not None else [None] * len(qs)
         out.append(
             [
                 Neighbor(
@@ -550,9 +552,9 @@ def neighbors_from_entries(
                     position=p,
                     token_id=t,
                     contextual_layer=lay,
-                    char_span=entries.char_span(r),
+                    char_span=(a[0], a[1]) if a is not None and a[0] >= 0 else None,
                 )
-                for s, lay, t, c, p, r in zip(qs, ql, qt, qc, qp, qr, strict=True)
+                for s, lay, t, c, p, a in zip(qs, ql, qt, qc, qp, qspan, strict=True)
                 if lay >= 0
             ]
         )

@@ -11,7 +11,7 @@ from latentlens import constants as C
 from latentlens.bank import Entries
 from latentlens.extract import build_index
 from latentlens.index import ContextualIndex
-from latentlens.spans import caption_offsets
+from latentlens.spans import tokenize_with_spans
 from tests.tiny import tiny_causal_lm, tiny_tokenizer
 
 CAPTIONS = [
@@ -85,10 +85,13 @@ def test_spans_survive_save_and_older_banks_get_computed_ones(bank, tmp_path):
 
 
 def test_special_tokens_and_spaces_have_no_span():
-    offsets = caption_offsets(tiny_tokenizer(), ["  the cat "])
-    assert offsets is not None
-    assert offsets[0][0] == (-1, -1)  # <s>
-    assert offsets[0][1] == (2, 5)  # "the", without the leading spaces
+    sentence = ["  the cat "]
+    ids, offsets = tokenize_with_spans(tiny_tokenizer(), sentence, 512)
+    assert offsets is not None and len(offsets.flat) == len(ids[0])
+    spans = offsets.spans(sentence, torch.tensor([0, 0, 0]), torch.tensor([0, 1, 9]))
+    assert spans[0].tolist() == [-1, -1]  # <s>
+    assert spans[1].tolist() == [2, 5]  # "the", without the leading spaces
+    assert spans[2].tolist() == [-1, -1]  # past the sentence's end
 
 
 def test_the_explorer_highlights_the_rows_own_occurrence():
@@ -153,3 +156,15 @@ def test_both_explorer_pages_run_in_a_real_browser_and_mark_the_right_occurrence
         ).stdout
         assert 'data-ready="yes"' in dom, f"the {name} page's script did not finish"
         assert "sat near the <b>bank</b>" in dom and "the <b>bank</b> robber" not in dom
+
+
+def test_offsets_are_the_same_tokenized_in_chunks(monkeypatch):
+    import latentlens.spans as S
+
+    tok = tiny_tokenizer()
+    ids, whole = tokenize_with_spans(tok, CAPTIONS, 512)
+    monkeypatch.setattr(S, "_CHUNK", 2)
+    ids2, parts = tokenize_with_spans(tok, CAPTIONS, 512)
+    assert ids2 == ids and torch.equal(parts.flat, whole.flat)
+    assert torch.equal(parts.starts, whole.starts)
+    assert tokenize_with_spans(tok, CAPTIONS, 512, spans=False) == (ids, None)
