@@ -10,10 +10,10 @@ import base64
 import html
 import io
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from latentlens.results import ImageExplanation, VideoExplanation
+    from latentlens.results import ImageExplanation, Neighbor, VideoExplanation
 
 # esc / mark (highlight a neighbour's own occurrence by its span) / the per-layer tables,
 # shared by both pages
@@ -89,12 +89,38 @@ document.body.dataset.ready = 'yes';
 
 def explorer_html(ex: ImageExplanation, display_size: int = 512) -> str:
     """The explorer page for one :class:`~latentlens.explain.ImageExplanation`, as a string."""
+    data = {
+        "grid": list(ex.grid),
+        "highlighted": ex.patches,
+        **_neighbor_data(ex.layers, ex.neighbors),
+    }
+    subs = {
+        "__TITLE__": html.escape(ex.image_name or "image"),
+        "__SIZE__": str(display_size),
+        "__W__": str(ex.grid[1]),
+        "__H__": str(ex.grid[0]),
+        "__IMG__": _png_b64(ex.image, (display_size, display_size)),
+        "__CAPTION__": html.escape(
+            f"{ex.model_name or 'model'} · bank {ex.bank_name or '?'} · top-{ex.top_k} · "
+            f"{ex.grid[0]}×{ex.grid[1]} visual tokens · red boxes: sampled patches"
+        ),
+    }
+    return _fill(_PAGE, data, subs)
+
+
+def _png_b64(image: Any, size: tuple[int, int]) -> str:
+    """``image`` resized to ``size`` as a base64 PNG."""
     buf = io.BytesIO()
-    ex.image.resize((display_size, display_size)).save(buf, format="PNG")
+    image.resize(size).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _neighbor_data(layers: list[int], neighbors: dict[int, list[list[Neighbor]]]) -> dict[str, Any]:
+    """The pages' neighbour tables: ``{layer: [token: [[token, similarity, bank layer,
+    caption index, char span | null], …]]}``, each caption stored once."""
     captions: dict[str, int] = {}
-    neighbors = {}
-    for layer in ex.layers:
-        neighbors[str(layer)] = [
+    table = {
+        str(layer): [
             [
                 [
                     n.token_str,
@@ -103,35 +129,22 @@ def explorer_html(ex: ImageExplanation, display_size: int = 512) -> str:
                     captions.setdefault(n.caption, len(captions)),
                     list(n.char_span) if n.char_span else None,
                 ]
-                for n in patch
+                for n in token
             ]
-            for patch in ex.neighbors[layer]
+            for token in neighbors[layer]
         ]
-    data = {
-        "grid": list(ex.grid),
-        "layers": [str(x) for x in ex.layers],
-        "highlighted": ex.patches,
-        "captions": list(captions),
-        "neighbors": neighbors,
+        for layer in layers
     }
-    # "</" must not appear inside the <script> element.
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
-    subs = {
-        "__TITLE__": html.escape(ex.image_name or "image"),
-        "__SIZE__": str(display_size),
-        "__W__": str(ex.grid[1]),
-        "__H__": str(ex.grid[0]),
-        "__IMG__": base64.b64encode(buf.getvalue()).decode(),
-        "__CAPTION__": html.escape(
-            f"{ex.model_name or 'model'} · bank {ex.bank_name or '?'} · top-{ex.top_k} · "
-            f"{ex.grid[0]}×{ex.grid[1]} visual tokens · red boxes: sampled patches"
-        ),
-        "__DATA__": payload,
-    }
-    page = _PAGE.replace("__COMMON_JS__", _COMMON_JS)
+    return {"layers": [str(x) for x in layers], "captions": list(captions), "neighbors": table}
+
+
+def _fill(template: str, data: dict[str, Any], subs: dict[str, str]) -> str:
+    """The page: the shared script, ``subs``, then the data (last, so no caption is taken for
+    a placeholder; ``</`` escaped inside ``<script>``)."""
+    page = template.replace("__COMMON_JS__", _COMMON_JS)
     for key, value in subs.items():
         page = page.replace(key, value)
-    return page
+    return page.replace("__DATA__", json.dumps(data, ensure_ascii=False).replace("</", "<\\/"))
 
 
 _VIDEO_PAGE = """<!DOCTYPE html>
@@ -197,23 +210,6 @@ document.body.dataset.ready = 'yes';
 def video_explorer_html(ex: VideoExplanation, display_size: int = 512) -> str:
     """The explorer page for a :class:`~latentlens.results.VideoExplanation`: a slider over
     the temporal groups, each group's first frame with its token grid, neighbours on hover."""
-    captions: dict[str, int] = {}
-    neighbors = {
-        str(layer): [
-            [
-                [
-                    n.token_str,
-                    round(n.similarity, 4),
-                    n.contextual_layer,
-                    captions.setdefault(n.caption, len(captions)),
-                    list(n.char_span) if n.char_span else None,
-                ]
-                for n in token
-            ]
-            for token in ex.neighbors[layer]
-        ]
-        for layer in ex.layers
-    }
     groups, images = [], []
     for first in ex.groups:
         members = [i for i, a in enumerate(ex.addresses) if a.frame == first]
@@ -227,15 +223,11 @@ def video_explorer_html(ex: VideoExplanation, display_size: int = 512) -> str:
             {"frames": list(a0.frames or (first, first)), "grid": list(shape), "tokens": members}
         )
         frame = ex.frames[first]
-        h = round(display_size * frame.height / frame.width)
-        buf = io.BytesIO()
-        frame.resize((display_size, h)).save(buf, format="PNG")
-        images.append(base64.b64encode(buf.getvalue()).decode())
+        height = round(display_size * frame.height / frame.width)
+        images.append(_png_b64(frame, (display_size, height)))
     data = {
-        "layers": [str(x) for x in ex.layers],
         "highlighted": ex.patches,
-        "captions": list(captions),
-        "neighbors": neighbors,
+        **_neighbor_data(ex.layers, ex.neighbors),
         "groups": groups,
         "images": images,
         "tokens": [
@@ -243,7 +235,6 @@ def video_explorer_html(ex: VideoExplanation, display_size: int = 512) -> str:
             for a in ex.addresses
         ],
     }
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     subs = {
         "__TITLE__": html.escape(ex.video_name or "video"),
         "__SIZE__": str(display_size),
@@ -252,9 +243,5 @@ def video_explorer_html(ex: VideoExplanation, display_size: int = 512) -> str:
             f"{ex.model_name or 'model'} · bank {ex.bank_name or '?'} · top-{ex.top_k} · "
             f"{len(ex.frames)} frames · {len(ex.addresses)} visual tokens"
         ),
-        "__DATA__": payload,
     }
-    page = _VIDEO_PAGE.replace("__COMMON_JS__", _COMMON_JS)
-    for key, value in subs.items():
-        page = page.replace(key, value)
-    return page
+    return _fill(_VIDEO_PAGE, data, subs)
