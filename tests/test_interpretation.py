@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,13 +13,7 @@ from latentlens.lenses import EmbeddingLens, LatentLens, LogitLens
 from latentlens.models import get_hidden_states, num_layers
 from tests.tiny import SENTENCES, tiny_causal_lm, tiny_tokenizer, tiny_vlm, vlm_inputs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

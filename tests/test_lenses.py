@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,12 +31,7 @@ from tests.tiny import PAD_ID, SENTENCES, tiny_causal_lm, tiny_tokenizer
 N_SPECIAL = 4  # <pad> <unk> <s> </s> are ids 0..3 of the tiny tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch() -> dict[str, torch.Tensor]:

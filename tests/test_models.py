@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -52,13 +51,7 @@ from tests.tiny import (
 TEXT_SUBMODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models run far faster single-threaded, especially on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(padding_side: str) -> dict[str, torch.Tensor]:

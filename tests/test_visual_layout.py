@@ -32,12 +32,7 @@ from tests.vlm_families import (
 FAMILIES = sorted(BUILDERS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def check_most_moved(s: Subject, images: list[Image.Image], target: TokenAddress) -> None:
