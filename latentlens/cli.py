@@ -10,6 +10,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -53,6 +54,8 @@ def main() -> None:
       latentlens interpret MODEL --text "..."  logit / embedding / latent lens, table + figure
       latentlens info BANK                     what a bank holds
       latentlens convert OLD_BANK NEW_BANK     legacy .pt bank -> safe safetensors bank
+      latentlens explain-image IMAGE --json    each visual token's neighbours (and video)
+      latentlens explore RESULTS... -o SITE    a static site to click through the results
     """
 
 
@@ -480,6 +483,56 @@ def interpret(
         net, tokenizer, text, parse_layers(layers), lenses, positions=parse_layers(positions)
     )
     _write_outputs(result, json_path, plot_path, quiet)
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Site folder to write (replaced if it holds an earlier site).",
+)
+@click.option(
+    "--images",
+    "images_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Where to look for images / videos the results name but cannot be found.",
+)
+@click.option("--title", default="latentlens explorer", show_default=True, help="Site title.")
+@user_errors
+def explore(results: tuple[str, ...], out_dir: str, images_dir: str | None, title: str) -> None:
+    """Write a static site to click through RESULTS: every patch, layer and lens.
+
+    RESULTS are the JSON files of explain-image / explain-video / quickstart (--json), or
+    folders of them; a reproduce run folder (out/paper, out/tiny) works when the repository's
+    reproduce package is importable. Open SITE/index.html in a browser: it needs no server.
+    """
+    from latentlens.explore import Site, add_explanations, find_explanations
+
+    runs = [Path(r) for r in results if _is_reproduce_run(Path(r))]
+    others = [r for r in results if Path(r) not in runs]
+    files = find_explanations(others) if others else []
+    with Site(out_dir, title=title) as site:
+        for run in runs:
+            try:
+                from reproduce.site import add_run
+            except ImportError as e:
+                raise click.UsageError(
+                    f"{run} is a reproduce run: write its site from the repository with "
+                    f"`bash reproduce/step6_explore.sh --out {run}`"
+                ) from e
+            add_run(site, run)
+        add_explanations(site, files, images_dir)
+    index = Path(site.out) / "index.html"
+    click.echo(f"wrote {site.out} — open {index.as_uri()}")
+
+
+def _is_reproduce_run(path: Path) -> bool:
+    return (path / "lenses").is_dir() and (path / "images" / "manifest.json").is_file()
 
 
 main.add_command(explain_image_command)

@@ -251,6 +251,7 @@ def explain_image_command(
                 )
             ex.patches = patches
         ex.image_name = image_file.name
+        ex.image_path = str(image_file.resolve())
         click.echo(ex.table())
         stem = image_file.with_suffix("")
         png = Path(out) if out else stem.parent / f"{stem.name}_latentlens.png"
@@ -337,6 +338,7 @@ def explain_video_command(
         )
         first = Path(video[0])
         ex.video_name = first.name
+        ex.video_paths = [str(Path(v).resolve()) for v in video]
         click.echo(ex.table())
         stem = first.with_suffix("") if first.is_file() else first
         png = Path(out) if out else stem.parent / f"{stem.name}_latentlens.png"

@@ -39,3 +39,7 @@ class UnsupportedArchitectureError(LatentLensError, KeyError):
 
 class CorpusError(LatentLensError, ValueError):
     """A corpus is empty, unreadable or of an unknown format."""
+
+
+class ExploreError(LatentLensError, ValueError):
+    """The explorer cannot read its results or write the site (says which and why)."""

@@ -37,6 +37,8 @@ class Neighbor:
         char_span: LatentLens: ``(start, end)`` of this occurrence of the token in
             ``caption`` when the bank knows it (not in :meth:`to_dict`, which keeps the
             original's fields; see :meth:`to_json`).
+        probability: LogitLens: the token's softmax probability over the whole vocabulary
+            (not in :meth:`to_dict`; in :meth:`to_json`).
     """
 
     token_str: str
@@ -46,6 +48,7 @@ class Neighbor:
     token_id: int = -1
     contextual_layer: int = -1
     char_span: tuple[int, int] | None = field(default=None, compare=False)
+    probability: float | None = field(default=None, compare=False)
 
     @property
     def score(self) -> float:
@@ -60,7 +63,7 @@ class Neighbor:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with the original release's field names."""
         d = asdict(self)
-        del d["char_span"]
+        del d["char_span"], d["probability"]
         return d
 
     def to_json(self) -> dict[str, Any]:
@@ -68,6 +71,8 @@ class Neighbor:
         d = self.to_dict()
         if self.char_span is not None:
             d["char_span"] = list(self.char_span)
+        if self.probability is not None:
+            d["probability"] = self.probability
         return d
 
     @classmethod
@@ -81,6 +86,7 @@ class Neighbor:
             token_id=int(d.get("token_id", -1)),
             contextual_layer=int(d.get("contextual_layer", -1)),
             char_span=tuple(d["char_span"]) if d.get("char_span") else None,  # type: ignore[arg-type]
+            probability=float(d["probability"]) if d.get("probability") is not None else None,
         )
 
 
@@ -288,6 +294,7 @@ class ImageExplanation:
     family: str = ""
     layout: dict[str, Any] = field(default_factory=dict)
     baselines: dict[str, dict[int, list[list[Neighbor]]]] = field(default_factory=dict)
+    image_path: str = ""
 
     @property
     def layers(self) -> list[int]:
@@ -325,6 +332,7 @@ class ImageExplanation:
             "model": self.model_name,
             "bank": self.bank_name,
             "image": self.image_name,
+            **({"image_path": self.image_path} if self.image_path else {}),
             "family": self.family,
             "grid": list(self.grid),
             **({"grids": self.layout.get("grids", [])} if self.layout else {}),
@@ -370,12 +378,17 @@ def baseline_fields(
     baselines: Mapping[str, Mapping[int, list[list[Neighbor]]]], layer: int, patch: int
 ) -> dict[str, Any]:
     """The baseline lenses' predictions of one patch, in the original files' field names
-    (LogitLens ``top_predictions``: token, token_id, logit; EmbeddingLens
+    (LogitLens ``top_predictions``: token, token_id, logit, and ours: probability; EmbeddingLens
     ``nearest_neighbors``: token, token_id, similarity)."""
     out: dict[str, Any] = {}
     if "logitlens" in baselines:
         out["top_predictions"] = [
-            {"token": n.token_str, "token_id": n.token_id, "logit": n.similarity}
+            {
+                "token": n.token_str,
+                "token_id": n.token_id,
+                "logit": n.similarity,
+                **({"probability": n.probability} if n.probability is not None else {}),
+            }
             for n in baselines["logitlens"][layer][patch]
         ]
     if "embeddinglens" in baselines:
@@ -408,6 +421,8 @@ class VideoExplanation:
             order.
         neighbors: ``{layer: [N lists of Neighbor]}``, one list per address.
         patches: highlighted token indices (into ``addresses``).
+        video_paths: where the frames came from (one video / folder, or frame images), so
+            ``latentlens explore`` can show them again.
     """
 
     frames: list[Image.Image]
@@ -421,6 +436,7 @@ class VideoExplanation:
     family: str = ""
     layout: dict[str, Any] = field(default_factory=dict)
     video_name: str = ""
+    video_paths: list[str] = field(default_factory=list)
 
     @property
     def layers(self) -> list[int]:
@@ -454,6 +470,7 @@ class VideoExplanation:
             "model": self.model_name,
             "bank": self.bank_name,
             "video": self.video_name,
+            **({"video_paths": self.video_paths} if self.video_paths else {}),
             "family": self.family,
             "num_frames": len(self.frames),
             "grids": self.layout.get("grids", []),

@@ -78,6 +78,7 @@ def main(verbose: bool) -> None:
       lenses      step 3: LatentLens, LogitLens, EmbeddingLens at every layer, N images
       judge       step 4: the LLM judge of SPEC §7 over every (lens, model)
       aggregate   step 5: scores JSON, figures, table beside the paper's numbers
+      explore     step 6: the explorer site (three lenses, every layer, judge verdicts)
       vg-phrases  make the Visual Genome phrase corpus from region_descriptions.json
       evaluate    the judge's own commands: judge one folder, aggregate, fake-server
     """
@@ -469,6 +470,30 @@ def aggregate(out: str | None, tiny: bool, models: str | None, force: bool, dpi:
         return
     click.echo((layout.report / "summary.md").read_text(encoding="utf-8"))
     click.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+
+
+@main.command()
+@common
+@click.option(
+    "--max-images", type=click.IntRange(1), default=None, help="Images per model [default: all]."
+)
+def explore(
+    out: str | None, tiny: bool, models: str | None, force: bool, max_images: int | None
+) -> None:
+    """Step 6: the explorer site of the run, <out>/site/ (open site/index.html; no server)."""
+    from latentlens.errors import ExploreError
+    from reproduce.site import run_models, site_step
+
+    layout, names = _setup(out, tiny, models)
+    chosen = [m for m in names if m in run_models(layout)] if models or tiny else None
+    try:
+        path = site_step(layout, chosen, force=force, max_images=max_images)
+    except ExploreError as e:
+        _fail(str(e))
+    if path is None:
+        click.echo(f"step 6 already done: {layout.site}")
+        return
+    click.echo(f"wrote {path} — open {(path / 'index.html').as_uri()}")
 
 
 @main.command("vg-phrases")

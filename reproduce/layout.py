@@ -9,6 +9,7 @@ One output folder holds a whole run::
     <out>/lenses/<lens folder>/<run>/*.json step 3: the SPEC §8 lens files
     <out>/eval/<lens>/<model>/              step 4: evaluation_results.json + judge cache
     <out>/report/                           step 5: scores JSON, figures, summary.md
+    <out>/site/                             step 6: the explorer (open site/index.html)
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ class Layout:
     @property
     def report(self) -> Path:  # noqa: D102
         return self.root / "report"
+
+    @property
+    def site(self) -> Path:  # noqa: D102
+        return self.root / "site"
 
 
 def read_json_or_none(path: str | os.PathLike[str]) -> Any:

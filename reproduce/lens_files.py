@@ -201,7 +201,14 @@ def _patch_records(lens_name: LensName, lens: Any, flat: torch.Tensor) -> list[d
         return [
             {
                 "top_predictions": [
-                    {"token": p.token_str, "token_id": p.token_id, "logit": p.score} for p in row
+                    {
+                        "token": p.token_str,
+                        "token_id": p.token_id,
+                        "logit": p.score,
+                        # ours (the original evaluator ignores it): softmax over the vocab
+                        **({"probability": p.probability} if p.probability is not None else {}),
+                    }
+                    for p in row
                 ]
             }
             for row in rows

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline of the LatentLens paper: steps 1-5, each skipping work already done.
+# The whole pipeline of the LatentLens paper: steps 1-6, each skipping work already done.
 # Run `reproduce/run_all.sh --help` for the flags; `--tiny` runs everything offline on tiny
 # random models in a few minutes on CPU.
 set -euo pipefail
@@ -7,16 +7,16 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
   cat <<'EOF'
-Usage: reproduce/run_all.sh [--tiny] [--out DIR] [--steps 1-5] [flags...]
+Usage: reproduce/run_all.sh [--tiny] [--out DIR] [--steps 1-6] [flags...]
 
-Chains step1_download.sh .. step5_aggregate.sh; every step skips work already done, so an
+Chains step1_download.sh .. step6_explore.sh; every step skips work already done, so an
 interrupted run continues where it stopped when run again with the same flags.
 
   --tiny                 offline, tiny random models (olmo-vit, qwen-siglip, qwen2vl), a
                          generated corpus and images, the built-in fake judge (default out/tiny)
   --out DIR              run folder (default out/paper, or out/tiny with --tiny)
   --models LIST          comma-separated models (default: the nine connector VLMs and qwen2vl)
-  --steps LIST           steps to run, e.g. 3-5 or 1,2 (default 1-5)
+  --steps LIST           steps to run, e.g. 3-5 or 1,2 (default 1-6)
   --force                redo the chosen steps even where they are done
 
 Flags passed to the steps that take them (see reproduce/stepN_*.sh --help):
@@ -32,6 +32,7 @@ Flags passed to the steps that take them (see reproduce/stepN_*.sh --help):
            --verbosity V --temperature T --max-completion-tokens N --image-detail D
            --price IN,OUT --strict --dry-run
   step 5   --dpi N
+  step 6   --max-images N
 
 Examples:
   reproduce/run_all.sh --tiny
@@ -39,8 +40,8 @@ Examples:
 EOF
 }
 
-COMMON=() S1=() S2=() S3=() S4=() S5=()
-STEPS="1-5"
+COMMON=() S1=() S2=() S3=() S4=() S5=() S6=()
+STEPS="1-6"
 TINY=0
 while (($#)); do
   if [[ $1 == --*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
@@ -67,6 +68,7 @@ while (($#)); do
     --concurrency|--max-retries|--timeout|--backoff|--reasoning-effort|--verbosity|\
     --temperature|--max-completion-tokens|--image-detail|--price) S4+=("$1" "$v") ;;
     --dpi) S5+=("$1" "$v") ;;
+    --max-images) S6+=("$1" "$v") ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   if (($# < 2)); then echo "run_all.sh: $1 needs a value (see --help)" >&2; exit 2; fi
@@ -106,4 +108,5 @@ run_step 2 step2_extract.sh ${COMMON[@]+"${COMMON[@]}"} ${S2[@]+"${S2[@]}"}
 run_step 3 step3_lenses.sh ${COMMON[@]+"${COMMON[@]}"} ${S3[@]+"${S3[@]}"}
 run_step 4 step4_judge.sh ${COMMON[@]+"${COMMON[@]}"} ${S4[@]+"${S4[@]}"}
 run_step 5 step5_aggregate.sh ${COMMON[@]+"${COMMON[@]}"} ${S5[@]+"${S5[@]}"}
+run_step 6 step6_explore.sh ${COMMON[@]+"${COMMON[@]}"} ${S6[@]+"${S6[@]}"}
 echo "=== all steps finished in $((SECONDS - T0)) s ===" >&2

@@ -114,6 +114,22 @@ def test_logit_lens_blocks_and_half_precision_weights() -> None:
     assert len(LogitLens(model, tiny_tokenizer(), chunk_bytes=4 * 32 * 20)._vocab_blocks()) > 1
 
 
+def test_logit_lens_probabilities_are_the_softmax_over_the_whole_vocab() -> None:
+    """The running log-sum-exp over vocabulary blocks equals one softmax over all logits."""
+    model = tiny_causal_lm("llama").to(torch.bfloat16)
+    hidden = torch.randn(23, 32)
+    with torch.no_grad():
+        full = torch.softmax(_logits_by_hand(model, hidden), dim=-1)
+    for chunk in (64 * 2**20, 4 * 32 * 20):  # one block; many blocks
+        lens = LogitLens(model, tiny_tokenizer(), top_k=5, chunk_bytes=chunk)
+        logits, probs, ids = lens.top_predictions(hidden)
+        torch.testing.assert_close(probs.double(), full.gather(1, ids), atol=1e-5, rtol=1e-4)
+        assert torch.all(probs[:, :-1] >= probs[:, 1:])
+        preds = lens.predict(hidden)
+        assert [p.probability for p in preds[3]] == pytest.approx(probs[3].tolist())
+        assert "probability" in preds[3][0].to_json() and "probability" not in preds[3][0].to_dict()
+
+
 def test_logit_lens_chunked_queries_equal_one_batch() -> None:
     model = tiny_causal_lm("qwen2")
     hidden = torch.randn(50, 32)

@@ -217,7 +217,7 @@ def test_quickstart_script_end_to_end(tiny_bank_and_model, tmp_path):
     assert len(data["layers"]["2"]["patches"][5]["nearest_contextual_neighbors"]) == 4
     # the three-lens view: the baselines' predictions in the original files' field names
     assert [set(p) for p in data["layers"]["2"]["patches"][5]["top_predictions"]] == [
-        {"token", "token_id", "logit"}
+        {"token", "token_id", "logit", "probability"}
     ] * 4
     assert len(data["layers"]["1"]["patches"][0]["nearest_neighbors"]) == 4
     page = (tmp_path / "photo_latentlens.html").read_text()

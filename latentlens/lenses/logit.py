@@ -157,36 +157,60 @@ class LogitLens(Lens):
         Returns:
             ``logits [N, k]`` float32 and ``token_ids [N, k]`` int64 on the CPU, best first.
         """
+        logits, _, ids = self.top_predictions(hidden, top_k)
+        return logits, ids
+
+    @torch.inference_mode()
+    def top_predictions(
+        self, hidden: torch.Tensor, top_k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k logits, their softmax probabilities and token ids of each row of ``hidden``.
+
+        The probability is over the whole vocabulary: a running log-sum-exp over the same
+        vocabulary blocks the top-k walks, so ``[N, vocab]`` is never held at once.
+
+        Returns:
+            ``logits [N, k]``, ``probs [N, k]`` float32 and ``token_ids [N, k]`` int64 on
+            the CPU, best first.
+        """
         flat = self._flatten(hidden)
         k = min(self._k(top_k), self.vocab_size)
         blocks = self._vocab_blocks()
         widest = max(e - s for s, e in blocks)
         rows = max(1, self.chunk_bytes // (4 * widest))
-        out_s, out_i = [], []
+        out_s, out_p, out_i = [], [], []
         for q in range(0, flat.shape[0], rows):
             h = self.normed(flat[q : q + rows])
             best_s: torch.Tensor | None = None
             best_i: torch.Tensor | None = None
+            lse: torch.Tensor | None = None
             for s, e in blocks:
-                v, i = torch.topk(self._block_logits(h, s, e), min(k, e - s), dim=-1)
+                block = self._block_logits(h, s, e)
+                block_lse = torch.logsumexp(block, dim=-1)
+                lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
+                v, i = torch.topk(block, min(k, e - s), dim=-1)
                 i = i + s
                 if best_s is not None and best_i is not None:
                     v, i = torch.cat([best_s, v], 1), torch.cat([best_i, i], 1)
                     v, pos = torch.topk(v, min(k, v.shape[1]), dim=-1)
                     i = i.gather(1, pos)
                 best_s, best_i = v, i
-            assert best_s is not None and best_i is not None
+            assert best_s is not None and best_i is not None and lse is not None
             out_s.append(best_s.cpu())
+            out_p.append(torch.exp(best_s - lse[:, None]).cpu())
             out_i.append(best_i.cpu())
-        return torch.cat(out_s), torch.cat(out_i)
+        return torch.cat(out_s), torch.cat(out_p), torch.cat(out_i)
 
     def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Neighbor]]:
-        """:class:`Neighbor` lists (score = logit) of each row of ``hidden`` ``[N, d]``."""
-        scores, ids = self.topk(hidden, top_k)
+        """:class:`Neighbor` lists (score = logit, with its softmax probability) of each row
+        of ``hidden`` ``[N, d]``."""
+        scores, probs, ids = self.top_predictions(hidden, top_k)
         return [
             [
-                Neighbor(token_str=self.decode(t), similarity=s, token_id=t)
-                for s, t in zip(row_s, row_i, strict=True)
+                Neighbor(token_str=self.decode(t), similarity=s, token_id=t, probability=p)
+                for s, p, t in zip(row_s, row_p, row_i, strict=True)
             ]
-            for row_s, row_i in zip(scores.tolist(), ids.tolist(), strict=True)
+            for row_s, row_p, row_i in zip(
+                scores.tolist(), probs.tolist(), ids.tolist(), strict=True
+            )
         ]
