@@ -111,12 +111,12 @@ def test_the_explorer_highlights_the_rows_own_occurrence():
     assert "mark(D.captions[n[3]], n[4])" in page and "indexOf" not in page
 
 
-@pytest.mark.skipif(
-    not __import__("shutil").which("chromium"), reason="Debian's chromium is not installed"
-)
 def test_both_explorer_pages_run_in_a_real_browser_and_mark_the_right_occurrence(tmp_path):
     import subprocess
 
+    from tests.browser import require_browser
+
+    chromium, _ = require_browser()
     from PIL import Image
 
     from latentlens.results import ImageExplanation, Neighbor, VideoExplanation
@@ -143,7 +143,7 @@ def test_both_explorer_pages_run_in_a_real_browser_and_mark_the_right_occurrence
         path.write_text(page, encoding="utf-8")
         dom = subprocess.run(
             [
-                "chromium",
+                chromium,
                 "--headless",
                 "--no-sandbox",
                 "--disable-gpu",

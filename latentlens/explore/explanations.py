@@ -211,7 +211,7 @@ def add_explanations(
     for path in paths:
         doc = _read(path)
         video = "video" in doc
-        model_name = str(doc.get("model") or "model")
+        model_name = str(doc.get("model") or doc.get("family") or "model")
         bank = str(doc.get("bank") or "")
         name = f"{model_name} · {bank}" if bank else model_name
         pages = site.model(name, label=model_name, family=str(doc.get("family", "")), bank=bank)

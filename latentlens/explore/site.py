@@ -119,7 +119,7 @@ def _js(call: str, payload: Any) -> str:
     return f"{call}({json.dumps(payload, ensure_ascii=True, separators=(',', ':'))});\n"
 
 
-def _r(x: float, nd: int = 4) -> float:
+def _r(x: float, nd: int = 6) -> float:
     return round(float(x), nd)
 
 

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from reproduce.judge import FakeJudge, FakeJudgeServer, aggregate, read_cache
+from tests.reproduce.conftest import run_all
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_ALL = ROOT / "reproduce" / "run_all.sh"
@@ -29,27 +30,6 @@ MODELS = ("olmo-vit", "qwen-siglip", "qwen2vl")
 LENSES = ("latentlens", "logitlens", "embeddinglens")
 LAYERS = (0, 1, 2)  # the paper's rule for a 3-layer LLM: 0, 1, 2 below n, n-2, n-1
 GRIDS = {"olmo-vit": 3, "qwen-siglip": 3, "qwen2vl": 6}
-
-
-def run_all(out: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        ["bash", str(RUN_ALL), "--tiny", "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
-    out = tmp_path_factory.mktemp("reproduce") / "tiny"
-    t0 = time.monotonic()
-    proc = run_all(out)
-    return out, proc, time.monotonic() - t0
 
 
 def _png_ok(path: Path) -> None:
@@ -62,7 +42,7 @@ def _png_ok(path: Path) -> None:
 def test_run_all_tiny_runs_every_step(tiny_run):
     out, proc, seconds = tiny_run
     log = proc.stdout + proc.stderr
-    for n in range(1, 6):
+    for n in range(1, 7):
         assert f"=== step {n} finished" in log
     # step 2: a paper-mode bank per LLM
     for bank in ("olmo", "qwen", "qwen2vl"):
@@ -147,6 +127,7 @@ def test_run_all_again_skips_every_step(tiny_run):
         out / "lenses" / "logit_lens" / "qwen2vl" / "logit_lens_layer2_topk5_multi-gpu.json",
         out / "eval" / "latentlens" / "olmo-vit" / "evaluation_results.json",
         out / "report" / "interpretability.json",
+        out / "site" / ".latentlens-site.json",
     ]
     before = [p.stat().st_mtime_ns for p in watched]
     proc = run_all(out)
@@ -155,6 +136,7 @@ def test_run_all_again_skips_every_step(tiny_run):
     assert log.count(": skipped") >= 3 + 3  # three banks, three models
     assert len(re.findall(r"step 4: .* skipped ", log)) == 9  # every (lens, model) judged
     assert "step 5 already done" in log
+    assert "step 6 already done" in log
     assert [p.stat().st_mtime_ns for p in watched] == before
 
 
@@ -351,7 +333,7 @@ def test_qwen2vl_files_match_explain_image_and_shards_match_the_full_run(tiny_ru
 
 
 def test_scripts_have_help_and_reject_unknown_flags():
-    for script in ("run_all.sh", "step1_download.sh", "step4_judge.sh"):
+    for script in ("run_all.sh", "step1_download.sh", "step4_judge.sh", "step6_explore.sh"):
         proc = subprocess.run(
             ["bash", str(ROOT / "reproduce" / script), "--help"], capture_output=True, text=True
         )
@@ -370,8 +352,15 @@ def test_run_all_lists_and_forwards_every_step_option_it_names():
         ["bash", str(RUN_ALL), "--help"], capture_output=True, text=True, check=True
     ).stdout
     blocks = re.findall(r"^  step (\d)(.*?)(?=^  step \d|^\S|\Z)", usage, re.M | re.S)
-    assert [n for n, _ in blocks] == ["1", "2", "3", "4", "5"]
-    commands = {"1": "download", "2": "extract", "3": "lenses", "4": "judge", "5": "aggregate"}
+    assert [n for n, _ in blocks] == ["1", "2", "3", "4", "5", "6"]
+    commands = {
+        "1": "download",
+        "2": "extract",
+        "3": "lenses",
+        "4": "judge",
+        "5": "aggregate",
+        "6": "explore",
+    }
     script = RUN_ALL.read_text()
     for n, text in blocks:
         command = cli.commands[commands[n]]

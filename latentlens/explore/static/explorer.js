@@ -209,7 +209,7 @@
       const t = m.tokens[i];
       const [x0, y0, x1, y1] = t.slice(4);
       let style = `left:${x0 * 100}%;top:${y0 * 100}%;width:${(x1 - x0) * 100}%;height:${(y1 - y0) * 100}%`;
-      if (tv && tv[k] !== null) style += `;background:rgba(255,120,0,${(0.08 + 0.55 * tv[k]).toFixed(3)})`;
+      if (tv && tv[k] !== null) style += `;background:rgba(255,120,0,${(0.04 + 0.36 * tv[k]).toFixed(3)})`;
       const v = verdicts[t[0]];
       let cls = "cell";
       if (v) cls += " judged";
