@@ -507,26 +507,20 @@ def interpret(
 def explore(results: tuple[str, ...], out_dir: str, images_dir: str | None, title: str) -> None:
     """Write a static site to click through RESULTS: every patch, layer and lens.
 
-    RESULTS are the JSON files of explain-image / explain-video / quickstart (--json), or
-    folders of them; a reproduce run folder (out/paper, out/tiny) works when the repository's
-    reproduce package is importable. Open SITE/index.html in a browser: it needs no server.
+    RESULTS are the JSON files of explain-image / explain-video / quickstart (--json), their
+    PNGs, or folders of them (a reproduce run's site is its step 6: step6_explore.sh). Open
+    SITE/index.html in a browser: it needs no server.
     """
     from latentlens.explore import Site, add_explanations, find_explanations
 
-    runs = [Path(r) for r in results if _is_reproduce_run(Path(r))]
-    others = [r for r in results if Path(r) not in runs]
-    files = find_explanations(others) if others else []
+    runs = [r for r in results if _is_reproduce_run(Path(r))]
+    if runs:
+        raise click.UsageError(
+            f"{runs[0]} is a reproduce run: its site is step 6 of the pipeline, "
+            f"`bash reproduce/step6_explore.sh --out {runs[0]}` (written to {runs[0]}/site)"
+        )
     with Site(out_dir, title=title) as site:
-        for run in runs:
-            try:
-                from reproduce.site import add_run
-            except ImportError as e:
-                raise click.UsageError(
-                    f"{run} is a reproduce run: write its site from the repository with "
-                    f"`bash reproduce/step6_explore.sh --out {run}`"
-                ) from e
-            add_run(site, run)
-        add_explanations(site, files, images_dir)
+        add_explanations(site, find_explanations(results), images_dir)
     index = Path(site.out) / "index.html"
     click.echo(f"wrote {site.out} — open {index.as_uri()}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -239,20 +238,35 @@ def test_quickstart_script_end_to_end(tiny_bank_and_model, tmp_path):
         timeout=300,
     )
     assert bad.returncode == 1 and "Error:" in bad.stderr and "Traceback" not in bad.stderr
+    # the explorer on the quickstart's outputs (its PNG names the JSON beside it)
+    from click.testing import CliRunner
 
+    from latentlens.cli import main as cli
 
-def _chromium() -> str | None:
-    return (
-        shutil.which("chromium")
-        or shutil.which("chromium-browser")
-        or shutil.which("google-chrome")
+    res = CliRunner().invoke(
+        cli, ["explore", str(tmp_path / "photo_latentlens.png"), "-o", str(tmp_path / "site")]
     )
+    assert res.exit_code == 0, res.output
+    (folder,) = [p for p in (tmp_path / "site").iterdir() if (p / "image.html").is_file()]
+    text = (folder / "data" / "0" / "L2.js").read_text()
+    layer2 = json.loads(text[text.index("(") + 1 : text.rindex(")")])
+    want = data["layers"]["2"]["patches"]
+    assert [[n[0] for n in cell] for cell in layer2["latentlens"]] == [
+        [n["token_str"] for n in p["nearest_contextual_neighbors"]] for p in want
+    ]
+    assert [[n[0] for n in cell] for cell in layer2["logitlens"]] == [
+        [n["token"] for n in p["top_predictions"]] for p in want
+    ]
 
 
-@pytest.mark.skipif(
-    _chromium() is None, reason="no headless Chromium installed (apt-get install chromium)"
-)
+def _chromium() -> str:
+    from tests.browser import require_browser
+
+    return require_browser()[0]
+
+
 def test_html_explorer_renders_in_a_real_browser(tiny_bank_and_model, tmp_path):
+    _chromium()
     model, proc, index, _ = tiny_bank_and_model
     ex = explain_image(model, proc, random_image(), index, [1, 2], top_k=2, size=32, num_patches=2)
     ex.neighbors[1][ex.patches[0]][0].caption = "a caption with </script><b>tags</b>"

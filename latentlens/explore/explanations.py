@@ -19,6 +19,7 @@ from PIL import Image
 from latentlens.errors import ExploreError, LatentLensError
 from latentlens.explore.site import Group, Site, Token
 from latentlens.results import Neighbor
+from latentlens.vlm import load_frames, load_image
 
 
 def find_explanations(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -93,8 +94,6 @@ def _picture_path(doc: Mapping[str, Any], json_path: Path, images_dir: Path | No
 
 
 def _open_rgb(path: Path) -> Image.Image:
-    from latentlens.vlm import load_image
-
     try:
         return load_image(path)
     except (OSError, ValueError, LatentLensError) as e:
@@ -104,8 +103,6 @@ def _open_rgb(path: Path) -> Image.Image:
 def _video_frames(
     doc: Mapping[str, Any], json_path: Path, images_dir: Path | None
 ) -> list[Image.Image]:
-    from latentlens.vlm import load_frames
-
     paths = [Path(p) for p in doc.get("video_paths") or []]
     if not paths or not all(p.exists() for p in paths):
         name = str(doc.get("video") or "")

@@ -123,8 +123,7 @@
     document.body.dataset.ready = "0";
     let m;
     try {
-      m = await meta(S.image);
-      await layerData(S.image, S.layer);
+      [m] = await Promise.all([meta(S.image), layerData(S.image, S.layer)]);
     } catch (err) {
       $("patch-title").textContent = String(err.message || err);
       document.body.dataset.ready = "error";
