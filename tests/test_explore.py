@@ -317,20 +317,43 @@ def test_video_page_slider_changes_frames_and_grid(site, results):
 def test_the_highlight_is_the_rows_own_occurrence(tmp_path):
     caption = "the bank robber sat near the bank"
     nb = Neighbor("bank", 0.9, caption, 7, 5, 1, char_span=(29, 33))
+    bad = "<img src=x onerror=\"document.title='pwned'\"> <i>"
+    evil = Neighbor("<i>", 0.5, bad, 2, 6, 1, char_span=(bad.rindex("<i>"), len(bad)))
     with Site(tmp_path / "site") as s:
         pages = s.model("m")
         pages.add_image(
             0, pictures=[Image.new("RGB", (8, 8))], groups=[Group("image", 0)],
             tokens=[Token(0, 0, 0, 0, (0, 0, 1, 1))],
         )  # fmt: skip
-        pages.add_layer(0, 1, {"latentlens": [[nb]]})
+        pages.add_layer(0, 1, {"latentlens": [[nb, evil]]})
     with chrome() as d:
         open_page(d, (tmp_path / "site" / "m" / "image.html").as_uri() + "#image=0&layer=1&patch=0")
-        row = d.find_element("css selector", "#lens-latentlens tr.nb td.cap")
-        inner = row.get_attribute("innerHTML")
-        assert inner == "the bank robber sat near the <mark>bank</mark>"
+        first, second = d.find_elements("css selector", "#lens-latentlens tr.nb td.cap")
+        assert first.get_attribute("innerHTML") == "the bank robber sat near the <mark>bank</mark>"
+        # captions and tokens are text, never markup
+        assert second.text == evil.caption and second.find_element("tag name", "mark").text == "<i>"
+        assert not d.find_elements("css selector", "#panels img, #panels i")
+        assert d.title != "pwned"
         body = d.find_element("id", "lens-logitlens").text
         assert "not computed" in body
+
+
+def test_results_without_addresses_get_a_uniform_grid(tmp_path, results):
+    doc = json.loads(results["image"].read_text())
+    for layer in doc["layers"].values():
+        layer["patches"] = [p for p in layer["patches"] if p["crop"] == "high-res"]
+        for p in layer["patches"]:
+            for key in ("pixel_box", "crop", "sequence_position", "frame", "frames"):
+                p.pop(key)
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(doc))
+    out = write_site([bare], tmp_path / "site")
+    meta = read_js(model_dir(out, "llava") / "data" / "0" / "meta.js")
+    gh, gw = doc["grid"]
+    assert [g["name"] for g in meta["groups"]] == ["image"]
+    for t in meta["tokens"]:
+        r, c = t[2], t[3]
+        assert t[4:] == pytest.approx([c / gw, r / gh, (c + 1) / gw, (r + 1) / gh], abs=1e-5)
 
 
 def test_landing_and_model_pages_link_through(site):
