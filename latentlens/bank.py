@@ -35,6 +35,7 @@ from latentlens import __version__
 from latentlens import constants as C
 from latentlens.atomic import atomic_path, read_json, write_json
 from latentlens.errors import BankFormatError, LayerNotFoundError
+from latentlens.search.standardize import LayerStats
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +275,45 @@ def write_layer(
         tensors[C.ENTRY_KEY] = entry.detach().cpu().to(torch.int64).contiguous()
     with atomic_path(layer_path(root, layer)) as tmp:
         save_file(tensors, str(tmp), metadata={"layer": str(layer), BANK_ID_KEY: bank_id})
+
+
+def write_stats(root: Path, stats: Mapping[int, LayerStats], bank_id: str = "") -> None:
+    """Write each layer's :class:`LayerStats` (atomic)."""
+    tensors, meta = {}, {BANK_ID_KEY: bank_id}
+    for layer, st in stats.items():
+        tensors[f"mean_{layer}"] = st.mean.detach().cpu().to(torch.float64).contiguous()
+        tensors[f"std_{layer}"] = st.std.detach().cpu().to(torch.float64).contiguous()
+        meta[f"count_{layer}"] = str(int(st.count))
+    with atomic_path(root / C.STATS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_stats(root: Path, layers: Sequence[int], bank_id: str | None) -> dict[int, LayerStats]:
+    """The stored statistics of ``layers`` written with this bank (others: absent).
+
+    A file of another write (``bank_id`` differs) or an unreadable one is ignored: the
+    statistics are then computed from the rows.
+    """
+    path = root / C.STATS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if bank_id and meta.get(BANK_ID_KEY) != bank_id:
+                return {}
+            keys = set(f.keys())
+            return {
+                layer: LayerStats(
+                    f.get_tensor(f"mean_{layer}"),
+                    f.get_tensor(f"std_{layer}"),
+                    int(meta.get(f"count_{layer}", 0)),
+                )
+                for layer in layers
+                if f"mean_{layer}" in keys and f"std_{layer}" in keys
+            }
+    except SafetensorError:
+        return {}
 
 
 _ST_DTYPES = {

@@ -349,6 +349,12 @@ _quiet_option = click.option("--quiet", "-q", is_flag=True, help="Do not print t
     default=None,
     help="Comma-separated bank layers to search (default: all; global top-k).",
 )
+@click.option(
+    "--standardize",
+    is_flag=True,
+    help="Rank by cosine after z-scoring each dimension with the bank layer's mean and "
+    "std (for LLMs whose outlier dimensions put every raw cosine near 1).",
+)
 @_top_k_option
 @_positions_option
 @_device_option
@@ -363,6 +369,7 @@ def search(
     model_name: str | None,
     layers: str | None,
     bank_layers: str | None,
+    standardize: bool,
     top_k: int,
     positions: str | None,
     device: str | None,
@@ -390,7 +397,7 @@ def search(
     model, tokenizer = _load_cli_model(name, device, model_dtype)
     index.to(device)
     query_layers = parse_layers(layers) or index.available_layers
-    lens = LatentLens(index, top_k, layers=parse_layers(bank_layers))
+    lens = LatentLens(index, top_k, layers=parse_layers(bank_layers), standardize=standardize)
     result = interpret(
         model, tokenizer, text, query_layers, [lens], positions=parse_layers(positions)
     )

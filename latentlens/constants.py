@@ -10,6 +10,7 @@ ENTRIES_FILE = "entries.safetensors"  # token_id, caption_id, position: int arra
 CAPTIONS_FILE = "captions.json"  # list[str], indexed by caption_id
 TOKENS_FILE = "tokens.json"  # {token_id: decoded token string}
 LAYER_FILE = "layer_{layer:02d}.safetensors"  # key "embeddings" [N, d]; optional "entry" [N]
+STATS_FILE = "stats.safetensors"  # per layer "mean_{L}", "std_{L}": float64 [d] of the rows
 EMBEDDINGS_KEY = "embeddings"
 ENTRY_KEY = "entry"
 

@@ -36,6 +36,7 @@ from latentlens.models.defaults import default_layers_for
 from latentlens.models.hooks import get_hidden_states
 from latentlens.models.loading import default_compute_dtype, load_model
 from latentlens.models.registry import num_layers
+from latentlens.search.standardize import RunningStats
 from latentlens.selection import Plan, Sampling, plan_entries
 from latentlens.spans import tokenize_with_spans
 
@@ -470,6 +471,8 @@ class _Builder:
             )
             for layer, v in first[1].items()
         }
+        # the per-dimension statistics of the stored rows, for standardised search
+        stats = {layer: RunningStats(v.shape[1]) for layer, v in first[1].items()}
         with contextlib.ExitStack() as stack:
             for w in writers.values():
                 stack.enter_context(w)
@@ -479,6 +482,8 @@ class _Builder:
                 )
                 for layer, v in vecs.items():
                     writers[layer].put(slots, v)
+                    stats[layer].update(v)
+        B.write_stats(root, {k: v.result() for k, v in stats.items()}, self.bank_id)
         self.hidden_dim = next(iter(first[1].values())).shape[1]
 
     def _existing(self, build: Path) -> set[int]:

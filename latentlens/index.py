@@ -18,6 +18,13 @@ from latentlens.errors import BankFormatError, BankNotFoundError, LatentLensErro
 from latentlens.hub import download_bank
 from latentlens.results import Neighbor
 from latentlens.search import Precision, RowNorms, SearchHits, checked_norms, search_banks
+from latentlens.search.standardize import (
+    LayerStats,
+    Standardized,
+    layer_stats,
+    search_standardized,
+    standardize_rows,
+)
 from latentlens.spans import entry_spans
 from latentlens.streaming import FileRows
 
@@ -92,6 +99,8 @@ class ContextualIndex:
             layer: checked_norms(emb, f"layer {layer}") for layer, emb in self._layers.items()
         }
         self._legacy_view: dict[int, dict[str, Any]] | None = None
+        self._stats: dict[int, LayerStats] = {}
+        self._standard: dict[int, Standardized] = {}
 
     # ── construction ──────────────────────────────────────────────────────────────
 
@@ -183,7 +192,9 @@ class ContextualIndex:
 
             streamed: dict[int, Any] = {x: FileRows(B.layer_path(root, x)) for x in chosen}
             maps = {x: B.layer_rows(root, x)[1] for x in chosen}
-            return cls(streamed, entries, entry_index=maps, manifest=manifest)
+            index = cls(streamed, entries, entry_index=maps, manifest=manifest)
+            index._stats = B.read_stats(root, chosen, manifest.get("bank_id"))
+            return index
         embs, maps = {}, {}
         for layer in chosen:
             emb, entry = B.read_layer(root, layer, device=device)
@@ -199,7 +210,10 @@ class ContextualIndex:
                 )
             embs[layer] = emb.to(B.parse_dtype(dtype)) if dtype is not None else emb
             maps[layer] = entry
-        return cls(embs, entries, entry_index=maps, manifest=manifest)
+        index = cls(embs, entries, entry_index=maps, manifest=manifest)
+        if dtype is None:  # statistics of the stored rows (converted rows: computed anew)
+            index._stats = B.read_stats(root, chosen, manifest.get("bank_id"))
+        return index
 
     @classmethod
     def _from_legacy(
@@ -293,10 +307,14 @@ class ContextualIndex:
         bank_id = B.new_bank_id()
         B.write_entries(root, self.entries, bank_id)
         stored = self.dtype
+        stats = {}
         for layer, emb in self._layers.items():
             out = B.to_storage(emb, B.parse_dtype(dtype)) if dtype is not None else emb
             stored = out.dtype
             B.write_layer(root, layer, out, self._entry_index[layer], bank_id)
+            keep = dtype is None or out.dtype == self.dtype
+            stats[layer] = self.layer_stats(layer) if keep else layer_stats(out)
+        B.write_stats(root, stats, bank_id)
         manifest = B.make_manifest(
             hidden_dim=self.hidden_dim,
             layers=self.available_layers,
@@ -390,6 +408,7 @@ class ContextualIndex:
             k: RowNorms(n.norm.to(device), n.inv.to(device), n.max_deviation)
             for k, n in self._norms.items()
         }
+        self._standard = {}
         return self
 
     # ── search ────────────────────────────────────────────────────────────────────
@@ -401,6 +420,7 @@ class ContextualIndex:
         layers: Sequence[int] | None = None,
         *,
         precision: Precision = "auto",
+        standardize: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global top-k by cosine similarity across the selected layers, as tensors.
 
@@ -410,13 +430,18 @@ class ContextualIndex:
             layers: bank layers to search (default all).
             precision: ``"auto"``/``"fast"`` (low-precision scoring + certified re-rank) or
                 ``"exact"`` (fp32 scoring); both return exactly the fp64 answer.
+            standardize: rank by cosine after z-scoring every dimension with each layer's
+                own mean and standard deviation (:meth:`layer_stats`), exactly; for models
+                whose few outlier dimensions make every raw cosine nearly 1.
 
         Returns:
             ``scores [Q, k]`` float32, ``layer [Q, k]`` int64, ``entry [Q, k]`` int64 (row in
             :attr:`entries`), best first; ties go to the lower layer, then lower row. A
             zero query (no cosine defined) gets scores NaN and layer / entry -1.
         """
-        scores, layer, row = self.search_rows(queries, top_k, layers, precision=precision)
+        scores, layer, row = self.search_rows(
+            queries, top_k, layers, precision=precision, standardize=standardize
+        )
         entry = rows_to_entries(self._entry_index, layer, row)
         return scores.to(torch.float32), layer, entry
 
@@ -427,9 +452,13 @@ class ContextualIndex:
         layers: Sequence[int] | None = None,
         *,
         precision: Precision = "auto",
+        standardize: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Like :meth:`search_tensors` but returns float64 scores and the row in each layer."""
-        hits = self._search(queries, top_k, layers, precision)
+        if standardize:
+            hits = self._search_standardized(queries, top_k, layers, precision)
+        else:
+            hits = self._search(queries, top_k, layers, precision)
         chosen = torch.tensor(self._selected(layers), dtype=torch.int64)
         bank = hits.bank.cpu()
         layer = torch.where(bank >= 0, chosen[bank.clamp_min(0)], bank)  # -1: a zero query
@@ -442,6 +471,7 @@ class ContextualIndex:
         layers: Sequence[int] | None = None,
         *,
         precision: Precision = "auto",
+        standardize: bool = False,
     ) -> list[list[Neighbor]]:
         """Nearest contextual neighbours of each query, best first.
 
@@ -449,13 +479,34 @@ class ContextualIndex:
             queries: ``[d]`` or ``[Q, d]`` hidden states (any float dtype/device).
             top_k: neighbours per query.
             layers: bank layers to search (default all); the global top-k is kept.
+            standardize: z-score every dimension per layer first (see
+                :meth:`search_tensors`).
 
         Returns:
             ``Q`` lists of :class:`Neighbor` with ``contextual_layer`` set; an empty list
             for a zero query (e.g. the connector output of an all-black crop).
         """
-        scores, layer, entry = self.search_tensors(queries, top_k, layers, precision=precision)
+        scores, layer, entry = self.search_tensors(
+            queries, top_k, layers, precision=precision, standardize=standardize
+        )
         return self.neighbors(scores, layer, entry)
+
+    def layer_stats(self, layer: int) -> LayerStats:
+        """Per-dimension mean and standard deviation of ``layer``'s stored rows (``[d]``
+        float64 each): read from the bank when it stores them, else computed once (exactly,
+        in float64) and kept."""
+        if layer not in self._layers:
+            self._selected([layer])  # raises the usual error
+        if layer not in self._stats:
+            self._stats[layer] = layer_stats(self._layers[layer])
+        return self._stats[layer]
+
+    def standardized(self, layer: int) -> Standardized:
+        """The z-scored copy of ``layer``'s rows the standardised search scans (made once;
+        as much memory as the layer, fp16 for fp8 banks)."""
+        if layer not in self._standard:
+            self._standard[layer] = standardize_rows(self._layers[layer], self.layer_stats(layer))
+        return self._standard[layer]
 
     def neighbors(
         self, scores: torch.Tensor, layer: torch.Tensor, entry: torch.Tensor
@@ -486,6 +537,46 @@ class ContextualIndex:
             [self._norms[x] for x in chosen],
             top_k,
             precision=precision,
+        )
+
+    def _search_standardized(
+        self,
+        queries: torch.Tensor,
+        top_k: int,
+        layers: Sequence[int] | None,
+        precision: Precision,
+    ) -> SearchHits:
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        chosen = self._selected(layers)
+        if not chosen:
+            raise LatentLensError("layers=[] selects nothing to search")
+        parts_s, parts_b, parts_r = [], [], []
+        for b, layer in enumerate(chosen):
+            if self.num_rows(layer) == 0:
+                continue
+            s, r = search_standardized(
+                queries,
+                self._layers[layer],
+                self.standardized(layer),
+                top_k,
+                precision=precision,
+                unit_queries=bool(self.manifest.get("normalized", True)),
+            )
+            parts_s.append(s)
+            parts_b.append(torch.where(r >= 0, b, -1))
+            parts_r.append(r)
+        if not parts_s:
+            raise LatentLensError("nothing to search: every selected layer is empty")
+        scores = torch.cat(parts_s, dim=1)
+        # score desc; ties to the earlier layer, then the lower row (each part is row-sorted
+        # on ties already); NaN (a query equal to the mean) sorts last
+        key = torch.where(scores.isnan(), torch.full_like(scores, -torch.inf), scores)
+        order = key.argsort(dim=1, descending=True, stable=True)[:, : min(top_k, key.shape[1])]
+        return SearchHits(
+            scores.gather(1, order),
+            torch.cat(parts_b, 1).gather(1, order),
+            torch.cat(parts_r, 1).gather(1, order),
         )
 
 

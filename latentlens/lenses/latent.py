@@ -25,6 +25,8 @@ class LatentLens(Lens):
         top_k: neighbours per hidden state (the paper: 5).
         layers: bank layers to search (default: all the index holds).
         precision: search precision (see :meth:`ContextualIndex.search_tensors`).
+        standardize: rank by cosine after z-scoring each dimension with the bank layer's
+            mean and standard deviation (for LLMs with outlier dimensions, e.g. Gemma).
     """
 
     name: ClassVar[str] = "latent"
@@ -37,12 +39,14 @@ class LatentLens(Lens):
         layers: Sequence[int] | None = None,
         *,
         precision: Precision = "auto",
+        standardize: bool = False,
     ) -> None:
         """Check the layers against the index (nothing is copied)."""
         self.index = index
         self.top_k = self._k(top_k)
         self.layers = index._selected(layers)  # validates; raises LayerNotFoundError
         self.precision: Precision = precision
+        self.standardize = bool(standardize)
 
     @property
     def hidden_size(self) -> int:
@@ -58,7 +62,11 @@ class LatentLens(Lens):
         """
         flat = self._flatten(hidden)
         return self.index.search_tensors(
-            flat, self._k(top_k), self.layers, precision=self.precision
+            flat,
+            self._k(top_k),
+            self.layers,
+            precision=self.precision,
+            standardize=self.standardize,
         )
 
     def topk(
