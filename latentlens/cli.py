@@ -532,6 +532,96 @@ def explore(results: tuple[str, ...], out_dir: str, images_dir: str | None, titl
     click.echo(f"wrote {site.out} — open {index.as_uri()}")
 
 
+@main.command("explain-vectors")
+@click.argument("bank", type=click.Path(exists=True, file_okay=False))
+@click.argument("vectors", type=click.Path(exists=True))
+@click.option(
+    "--layer",
+    "layers",
+    default=None,
+    help="Bank layer(s) to search, e.g. the SAE's hook layer (default: all; global top-k).",
+)
+@click.option("--key", default=None, help="Tensor to read from a file holding several.")
+@click.option("--features", default=None, help="Only these rows, e.g. 0,12,99 (SAE features).")
+@click.option("--standardize", is_flag=True, help="Z-score dimensions first (see search).")
+@_top_k_option
+@_device_option
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write every vector's contexts as JSON.",
+)
+@click.option(
+    "--html",
+    "html_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write an HTML list page.",
+)
+@_quiet_option
+@user_errors
+def explain_vectors(
+    bank: str,
+    vectors: str,
+    layers: str | None,
+    key: str | None,
+    features: str | None,
+    standardize: bool,
+    top_k: int,
+    device: str | None,
+    json_path: str | None,
+    html_path: str | None,
+    quiet: bool,
+) -> None:
+    """Explain VECTORS by their nearest contexts in BANK (no model needed).
+
+    VECTORS: a sparse autoencoder in SAELens' layout (a folder with cfg.json and
+    sae_weights.safetensors: one feature per decoder row W_dec), a .safetensors / .npy /
+    .pt file of [n, d] directions, or one steering vector [d]. Each vector's direction is
+    compared with the bank's contextual embeddings; the top contexts (token, caption with the
+    token's occurrence, similarity, bank layer) are printed, and written with --json/--html.
+    """
+    import json
+
+    from latentlens.atomic import atomic_path
+    from latentlens.explore.vectors_page import vectors_html
+    from latentlens.index import ContextualIndex
+    from latentlens.vectors import explanations_table, load_vectors
+
+    chosen = parse_layers(layers)
+    vecs = load_vectors(vectors, key)
+    if features:
+        vecs = vecs.select(parse_layers(features) or [])
+    index = ContextualIndex.from_directory(bank, layers=chosen, device=resolve_device(device))
+    items = index.explain_vectors(vecs, top_k, chosen, standardize=standardize)
+    if not quiet:
+        click.echo(explanations_table(items))
+    if json_path:
+        doc = {
+            "bank": str(bank),
+            "model": index.model_name,
+            "source": vecs.source,
+            "layers": chosen or index.available_layers,
+            "standardize": standardize,
+            "vectors": [it.to_json() for it in items],
+        }
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
+        click.echo(f"wrote {json_path}", err=True)
+    if html_path:
+        where = f"layer {','.join(map(str, chosen))}" if chosen else "all layers"
+        page = vectors_html(
+            items,
+            f"Nearest contexts of {Path(vectors).name}",
+            f"bank {bank} ({index.model_name}), {where}; {vecs.source}",
+        )
+        with atomic_path(html_path) as tmp:
+            tmp.write_text(page, encoding="utf-8")
+        click.echo(f"wrote {html_path}", err=True)
+
+
 def _is_reproduce_run(path: Path) -> bool:
     return (path / "lenses").is_dir() and (path / "images" / "manifest.json").is_file()
 

@@ -27,6 +27,7 @@ from latentlens.search.standardize import (
 )
 from latentlens.spans import entry_spans
 from latentlens.streaming import FileRows
+from latentlens.vectors import VectorExplanation, Vectors
 
 logger = logging.getLogger(__name__)
 
@@ -490,6 +491,40 @@ class ContextualIndex:
             queries, top_k, layers, precision=precision, standardize=standardize
         )
         return self.neighbors(scores, layer, entry)
+
+    def explain_vectors(
+        self,
+        vectors: torch.Tensor | Vectors,
+        top_k: int = 5,
+        layers: Sequence[int] | None = None,
+        *,
+        standardize: bool = False,
+    ) -> list[VectorExplanation]:
+        """The nearest contexts of arbitrary directions: SAE decoder rows, steering vectors.
+
+        Args:
+            vectors: ``[n, d]`` or ``[d]`` tensor, or :func:`latentlens.vectors.load_vectors`'s
+                result (its names are kept).
+            top_k: contexts per vector.
+            layers: bank layers to search, typically the one the vectors were trained at
+                (default all; global top-k).
+            standardize: z-score dimensions first (see :meth:`search_tensors`).
+
+        Returns:
+            One :class:`VectorExplanation` per vector, in order.
+        """
+        if isinstance(vectors, Vectors):
+            names, matrix = vectors.names, vectors.vectors
+        else:
+            matrix = torch.as_tensor(vectors)
+            matrix = matrix[None] if matrix.ndim == 1 else matrix
+            names = [f"vector {i}" for i in range(matrix.shape[0])]
+        found = self.search(matrix, top_k, layers, standardize=standardize)
+        norms = matrix.detach().to(torch.float64).norm(dim=-1).tolist()
+        return [
+            VectorExplanation(name, i, float(n), nbs)
+            for i, (name, n, nbs) in enumerate(zip(names, norms, found, strict=True))
+        ]
 
     def layer_stats(self, layer: int) -> LayerStats:
         """Per-dimension mean and standard deviation of ``layer``'s stored rows (``[d]``
