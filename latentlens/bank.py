@@ -52,6 +52,7 @@ _MANIFEST_KEYS = {
     "num_entries",
     "rows_per_layer",
     "build",
+    "corpus",
     "embedding_hash",
     "bank_id",
 }

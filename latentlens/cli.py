@@ -7,6 +7,7 @@ imports (torch, transformers) happen inside the commands so ``--help`` stays fas
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -583,8 +584,6 @@ def explain_vectors(
     compared with the bank's contextual embeddings; the top contexts (token, caption with the
     token's occurrence, similarity, bank layer) are printed, and written with --json/--html.
     """
-    import json
-
     from latentlens.atomic import atomic_path
     from latentlens.explore.vectors_page import vectors_html
     from latentlens.index import ContextualIndex
@@ -620,6 +619,64 @@ def explain_vectors(
         with atomic_path(html_path) as tmp:
             tmp.write_text(page, encoding="utf-8")
         click.echo(f"wrote {html_path}", err=True)
+
+
+@main.command()
+@click.argument("bank", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--layers", default=None, help="Only these layers, e.g. 8,16 (default: all).")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option(
+    "--license", "license_", default=None, help="Licence id for the card (e.g. cc-by-4.0)."
+)
+@click.option("--corpus", default=None, help="Describe the corpus in the card (default: recorded).")
+@click.option("--message", default=None, help="Commit message.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@click.option("--dry-run", is_flag=True, help="Print the files and the model card; upload nothing.")
+@user_errors
+def push(
+    bank: str,
+    repo_id: str,
+    layers: str | None,
+    private: bool,
+    license_: str | None,
+    corpus: str | None,
+    message: str | None,
+    create_pr: bool,
+    dry_run: bool,
+) -> None:
+    """Publish BANK to the Hugging Face Hub as REPO_ID, with a model card.
+
+    One file per layer (users download only the layers they need), the manifest, the entry
+    table, the per-layer statistics and README.md (YAML: library_name latentlens, base
+    model, corpus, layers, rows, dtype, licence, and the command that built it). Log in
+    first (`hf auth login`) or set HF_TOKEN.
+    """
+    import tempfile
+
+    from latentlens.hub import hub_operations, model_card
+    from latentlens.index import ContextualIndex
+
+    index = ContextualIndex.from_directory(bank, layers=parse_layers(layers))
+    if not dry_run:
+        url = index.push_to_hub(
+            repo_id, private=private or None, license=license_, corpus=corpus,
+            commit_message=message, create_pr=create_pr,
+        )  # fmt: skip
+        click.echo(f"pushed {bank} to {url}")
+        return
+    with tempfile.TemporaryDirectory(prefix="latentlens-push-") as tmp:
+        index.save(tmp)
+        card = model_card(json.loads((Path(tmp) / "config.json").read_text()), repo_id,
+                          license=license_, corpus=corpus)  # fmt: skip
+        for op in hub_operations(tmp, card):
+            size = (
+                len(op.path_or_fileobj)
+                if isinstance(op.path_or_fileobj, bytes)
+                else (Path(op.path_or_fileobj).stat().st_size)
+            )
+            click.echo(f"{op.path_in_repo:28s} {size:>12,d} bytes")
+    click.echo("\n" + card)
 
 
 def _is_reproduce_run(path: Path) -> bool:

@@ -287,6 +287,11 @@ def build_index(
         "model_name": name,
         "normalized": cfg.normalize,
         "build": {"model_name": name, **cfg.to_dict()},
+        # what the bank was built from (a model card shows it)
+        "corpus": {
+            "source": Path(corpus).name if isinstance(corpus, (str, os.PathLike)) else "a list",
+            "sentences": len(sentences),
+        },
     }
     if vectors is not None:
         return ContextualIndex(vectors, entries, manifest=manifest)

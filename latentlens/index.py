@@ -15,7 +15,7 @@ from latentlens import bank as B
 from latentlens import constants as C
 from latentlens.atomic import read_json
 from latentlens.errors import BankFormatError, BankNotFoundError, LatentLensError
-from latentlens.hub import download_bank
+from latentlens.hub import download_bank, push_bank
 from latentlens.results import Neighbor
 from latentlens.search import Precision, RowNorms, SearchHits, checked_norms, search_banks
 from latentlens.search.standardize import (
@@ -327,6 +327,54 @@ class ContextualIndex:
         )
         B.write_manifest(root, manifest)
         return root
+
+    def subset(self, layers: Sequence[int]) -> ContextualIndex:
+        """The same bank with only ``layers`` (rows shared, nothing copied)."""
+        chosen = self._selected(layers)
+        sub = ContextualIndex(
+            {x: self._layers[x] for x in chosen},
+            self.entries,
+            entry_index={x: self._entry_index[x] for x in chosen},
+            manifest=self.manifest,
+        )
+        sub._stats = {x: v for x, v in self._stats.items() if x in chosen}
+        return sub
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        layers: Sequence[int] | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        license: str | None = None,
+        corpus: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Publish the bank (or ``layers`` of it) to the Hub with a model card, in one commit.
+
+        One file per layer, so users download only the layers they need
+        (:meth:`from_pretrained` with ``layers=``); the card's YAML says
+        ``library_name: latentlens`` and the model, corpus, layers, rows and dtype.
+
+        Returns:
+            The commit (or pull request) URL.
+        """
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="latentlens-push-") as tmp:
+            self.subset(layers or self.available_layers).save(tmp)
+            return push_bank(
+                tmp,
+                repo_id,
+                private=private,
+                token=token,
+                license=license,
+                corpus=corpus,
+                commit_message=commit_message,
+                create_pr=create_pr,
+            )
 
     # ── properties ────────────────────────────────────────────────────────────────
 

@@ -83,6 +83,7 @@ def test_save_load_round_trip(index, tmp_path):
     files = sorted(p.name for p in (tmp_path / "bank").iterdir())
     assert files == sorted(
         [C.CONFIG_FILE, C.LEGACY_META_FILE, C.ENTRIES_FILE, C.CAPTIONS_FILE, C.TOKENS_FILE]
+        + [C.STATS_FILE]
         + [C.LAYER_FILE.format(layer=x) for x in (1, 4, 8)]
     )
     assert json.loads((tmp_path / "bank" / C.LEGACY_META_FILE).read_text()) == {
