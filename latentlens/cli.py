@@ -16,7 +16,11 @@ from typing import Any, TypeVar
 
 import click
 
-from latentlens.cli_explain import explain_image_command, explain_video_command
+from latentlens.cli_explain import (
+    explain_audio_command,
+    explain_image_command,
+    explain_video_command,
+)
 from latentlens.options import parse_layers
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -684,6 +688,7 @@ def _is_reproduce_run(path: Path) -> bool:
 
 
 main.add_command(explain_image_command)
+main.add_command(explain_audio_command)
 main.add_command(explain_video_command)
 
 if __name__ == "__main__":

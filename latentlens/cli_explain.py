@@ -353,3 +353,73 @@ def explain_video_command(
     except (LatentLensError, ValueError, OSError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
+
+
+@click.command(
+    "explain-audio",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.argument("audio", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", required=True, help="Audio-text model (Qwen2-Audio): Hub id or folder.")
+@click.option("--bank", default=None, help="Bank built from the model's own language model.")
+@click.option(
+    "--build-bank",
+    "build_corpus",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Build the bank first from this caption corpus with the model's language model.",
+)
+@click.option("--layers", default="1", show_default=True, help="Query layers (comma-separated).")
+@click.option("--bank-layers", default=None, help="Bank layers to search (default: all).")
+@click.option(
+    "--prompt", default=None, help="Text with the audio placeholder (default: the family's)."
+)
+@click.option("--top-k", default=5, show_default=True)
+@click.option("--every", default=5, show_default=True, help="Print every N-th token in the table.")
+@click.option("--device", default=None, help="cuda / cpu (default: cuda if available).")
+@click.option("--model-dtype", "dtype", default=None, help="fp16 / bf16 / fp32.")
+@click.option(
+    "--json",
+    "json_path",
+    default=None,
+    is_flag=False,
+    flag_value="",
+    help="Write JSON: every audio token with its time span (optional path).",
+)
+def explain_audio_command(
+    audio, model, bank, build_corpus, layers, bank_layers, prompt, top_k, every, device, dtype,
+    json_path,
+) -> None:  # fmt: skip
+    """Explain what each audio token of AUDIO (a PCM .wav) means, with its time span.
+
+    Each token of the audio-text model pools a fixed stretch of time (40 ms for
+    Qwen2-Audio); its hidden state at the query layers is searched in a bank of the model's
+    own language model (--bank, or --build-bank CORPUS to make one). Prints a table and, with
+    --json, every token's start / end in seconds and its neighbours.
+    """
+    from latentlens.audio import explain_audio
+    from latentlens.errors import LatentLensError
+    from latentlens.extract import build_index
+    from latentlens.index import ContextualIndex
+
+    try:
+        if not bank and not build_corpus:
+            raise click.UsageError("give --bank BANK or --build-bank CORPUS")
+        net, processor, run_device = _load(model, device, dtype)
+        chosen = parse_int_list(bank_layers)
+        if build_corpus:
+            index = build_index(model, build_corpus, model=net, tokenizer=processor.tokenizer,
+                                layers=chosen, output_dir=bank or f"{Path(model).name}_bank")  # fmt: skip
+        else:
+            index = ContextualIndex.from_pretrained(bank, layers=chosen)
+        index.to(run_device)
+        ex = explain_audio(net, processor, audio, index, parse_int_list(layers) or [1],
+                           top_k=top_k, prompt=prompt)  # fmt: skip
+        ex.audio_name = Path(audio).name
+        click.echo(ex.table(every=max(1, every)))
+        if json_path is not None:
+            target = Path(json_path) if json_path else Path(audio).with_suffix(".latentlens.json")
+            _write(target, json.dumps(ex.to_dict(), ensure_ascii=False))
+    except (LatentLensError, ValueError, OSError) as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)

@@ -353,13 +353,15 @@ def _discover(model: nn.Module, base: Any) -> Any:
 
 
 _IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")
+_AUDIO_TOKEN_KEYS = ("audio_token_id", "audio_token_index")
 
 
 def _multimodal_fields(model: nn.Module, config: Any, text_path: str) -> dict[str, Any]:
     """For a VLM: the module to run (the deepest one above the text model that merges image
-    features into the embeddings, so no LM head runs) and its image-token key; else ``{}``."""
+    features into the embeddings, so no LM head runs) and its image-token key; for an
+    audio-text model the module that holds the audio tower; else ``{}``."""
     if getattr(config, "vision_config", None) is None:
-        return {}
+        return _audio_fields(model, config, text_path)
     token_key = next(
         (k for k in _IMAGE_TOKEN_KEYS if isinstance(getattr(config, k, None), int)), None
     )
@@ -369,6 +371,22 @@ def _multimodal_fields(model: nn.Module, config: Any, text_path: str) -> dict[st
         module = model.get_submodule(path) if path else model
         if callable(getattr(module, "get_image_features", None)) and token_key is not None:
             return {"inner_model_path": path, "is_vlm": True, "image_token_id_attr": token_key}
+    return {}
+
+
+def _audio_fields(model: nn.Module, config: Any, text_path: str) -> dict[str, Any]:
+    """The deepest module above the text model that owns the audio tower (it merges the
+    audio features into the embeddings), for models with an ``audio_config``."""
+    if getattr(config, "audio_config", None) is None:
+        return {}
+    if not any(isinstance(getattr(config, k, None), int) for k in _AUDIO_TOKEN_KEYS):
+        return {}
+    parts = text_path.split(".") if text_path else []
+    for depth in range(len(parts) - 1, -1, -1):
+        path = ".".join(parts[:depth])
+        module = model.get_submodule(path) if path else model
+        if isinstance(getattr(module, "audio_tower", None), nn.Module):
+            return {"inner_model_path": path}
     return {}
 
 

@@ -76,10 +76,14 @@ def load_config(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
 
 
 def _auto_class(config: Any) -> Any:
-    """First of CausalLM, ImageTextToText, AutoModel whose mapping knows `config`."""
+    """First of CausalLM, ImageTextToText, MultimodalLM (audio-text models such as
+    Qwen2-Audio), AutoModel whose mapping knows `config`."""
+    import transformers
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    for auto_cls in (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModel):
+    multimodal = getattr(transformers, "AutoModelForMultimodalLM", None)  # not in every 5.x
+    candidates = (AutoModelForCausalLM, AutoModelForImageTextToText, multimodal, AutoModel)
+    for auto_cls in (c for c in candidates if c is not None):
         if type(config) in auto_cls._model_mapping:
             return auto_cls
     return AutoModelForCausalLM  # remote code (auto_map) or an error that names the problem
