@@ -61,6 +61,9 @@ def main() -> None:
       latentlens convert OLD_BANK NEW_BANK     legacy .pt bank -> safe safetensors bank
       latentlens explain-image IMAGE --json    each visual token's neighbours (and video)
       latentlens explore RESULTS... -o SITE    a static site to click through the results
+      latentlens explain-vectors BANK SAE/     nearest contexts of SAE features / directions
+      latentlens explain-audio AUDIO.wav       each audio token's time span and neighbours
+      latentlens push BANK ORG/NAME            publish a bank on the Hub with a model card
     """
 
 
