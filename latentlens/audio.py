@@ -46,13 +46,18 @@ class AudioFamily:
     prompt: str
 
 
+_QWEN_AUDIO = AudioFamily(
+    token_keys=("audio_token_id", "audio_token_index"),
+    frames_per_token=4,  # stride-2 convolution, then average pooling of 2
+    prompt="<|audio_bos|><|AUDIO|><|audio_eos|>Describe this audio.",
+)
 AUDIO_FAMILIES: dict[str, AudioFamily] = {
-    "qwen2_audio": AudioFamily(
-        token_keys=("audio_token_id", "audio_token_index"),
-        frames_per_token=4,  # stride-2 convolution, then average pooling of 2
-        prompt="<|audio_bos|><|AUDIO|><|audio_eos|>Describe this audio.",
-    ),
+    "qwen2_audio": _QWEN_AUDIO,
+    "qwen2_5_omni_thinker": _QWEN_AUDIO,  # the same Whisper-style encoder and placeholder
 }
+THINKERS = {"qwen2_5_omni": "thinker"}
+"""Models whose audio-text part is a submodule: model type → attribute (the full
+Qwen2.5-Omni also holds a speech talker, which plays no part here)."""
 
 
 def audio_family(model: nn.Module) -> AudioFamily:
@@ -164,6 +169,9 @@ def audio_token_states(
         UnsupportedArchitectureError: an audio family without layout facts.
         LatentLensError: the prompt has no audio placeholder, or the token count disagrees.
     """
+    kind = getattr(model.config, "model_type", "")
+    if kind in THINKERS:
+        model = getattr(model, THINKERS[kind])
     family = audio_family(model)
     fe = processor.feature_extractor
     rate, hop = int(fe.sampling_rate), int(fe.hop_length)

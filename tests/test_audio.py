@@ -48,12 +48,67 @@ def qwen2_audio():
     return Qwen2AudioForConditionalGeneration(config).eval(), processor
 
 
+@pytest.fixture(scope="module")
+def qwen2_5_omni():
+    """Qwen2.5-Omni's thinker (audio, images, video → text), tiny, with its real processor."""
+    import tempfile
+
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5OmniProcessor,
+        Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    from tests.tiny import tiny_tokenizer
+
+    special = {
+        "audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>",
+        "audio_eos_token": "<|audio_eos|>", "image_token": "<|IMAGE|>",
+        "video_token": "<|VIDEO|>", "vision_bos_token": "<|vision_bos|>",
+        "vision_eos_token": "<|vision_eos|>",
+    }  # fmt: skip
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(special.values())})
+    with tempfile.TemporaryDirectory() as d:  # the processor reads tokenizer.audio_token_id
+        tok.save_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(d, extra_special_tokens=special)
+    fe = WhisperFeatureExtractor(feature_size=16, sampling_rate=RATE, hop_length=160,
+                                 chunk_length=2, n_fft=400)  # fmt: skip
+    processor = Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(),
+                                     video_processor=Qwen2VLVideoProcessor(),
+                                     feature_extractor=fe, tokenizer=tok)  # fmt: skip
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in special.items()}
+    config = Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2,
+                          encoder_ffn_dim=32, d_model=16, output_dim=32,
+                          max_source_positions=100, n_window=50),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                           out_hidden_size=32, fullatt_block_indexes=[0]),
+        text_config=dict(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                          "mrope_section": [2, 1, 1]}),
+        audio_token_index=ids["audio_token"], image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"],
+        vision_start_token_id=ids["vision_bos_token"],
+        vision_end_token_id=ids["vision_eos_token"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return Qwen2_5OmniThinkerForConditionalGeneration(config).eval(), processor
+
+
 def noise_wave(seconds: float, seed: int = 0) -> np.ndarray:
     return (np.random.RandomState(seed).randn(int(seconds * RATE)) * 0.1).astype(np.float32)
 
 
-def test_each_tokens_time_span_is_where_the_waveform_moves_it(qwen2_audio):
-    model, processor = qwen2_audio
+@pytest.mark.parametrize("family", ["qwen2_audio", "qwen2_5_omni"])
+def test_each_tokens_time_span_is_where_the_waveform_moves_it(family, request):
+    model, processor = request.getfixturevalue(family)
     wav = noise_wave(1.0)
     base = audio_token_states(model, processor, wav, [0])
     assert len(base.addresses) == 25 and base.seconds_per_token == pytest.approx(0.04)
