@@ -602,6 +602,15 @@ class ContextualIndex:
     def _selected(self, layers: Sequence[int] | None) -> list[int]:
         return B.select_layers(self.available_layers, layers, "this index")
 
+    def _search_layers(self, top_k: int, layers: Sequence[int] | None) -> list[int]:
+        """The layers a search covers, after checking ``top_k`` and the selection."""
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        chosen = self._selected(layers)
+        if not chosen:
+            raise LatentLensError("layers=[] selects nothing to search")
+        return chosen
+
     def _search(
         self,
         queries: torch.Tensor,
@@ -609,11 +618,7 @@ class ContextualIndex:
         layers: Sequence[int] | None,
         precision: Precision,
     ) -> SearchHits:
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        chosen = self._selected(layers)
-        if not chosen:
-            raise LatentLensError("layers=[] selects nothing to search")
+        chosen = self._search_layers(top_k, layers)
         return search_banks(
             queries,
             [self._layers[x] for x in chosen],
@@ -629,11 +634,7 @@ class ContextualIndex:
         layers: Sequence[int] | None,
         precision: Precision,
     ) -> SearchHits:
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        chosen = self._selected(layers)
-        if not chosen:
-            raise LatentLensError("layers=[] selects nothing to search")
+        chosen = self._search_layers(top_k, layers)
         parts_s, parts_b, parts_r = [], [], []
         for b, layer in enumerate(chosen):
             if self.num_rows(layer) == 0:
