@@ -127,16 +127,24 @@ def standardize_rows(
     return Standardized(out, RowNorms.of(out), 2.0 * worst, stats)
 
 
+RESCORE_BYTES = 4 * 2**20  # fp64 working set of one block of re-scored candidates
+
+
 def exact_z_scores(
     zq: torch.Tensor, rows: torch.Tensor, stats: LayerStats, cand: torch.Tensor
 ) -> torch.Tensor:
     """fp64 cosines of unit z-scored queries ``zq`` ``[Q, d]`` with the z-scored stored rows
-    ``cand`` ``[Q, K]`` (a zero z-scored row scores 0)."""
-    x = rows[cand.reshape(-1)].to(zq.device, torch.float64)
-    z = (x - stats.mean.to(zq.device)) / stats.std.to(zq.device)
-    n = z.norm(dim=1)
-    z = z / torch.where(n > 0, n, torch.ones_like(n))[:, None]
-    return (z.view(*cand.shape, -1) * zq[:, None, :]).sum(-1)
+    ``cand`` ``[Q, K]`` (a zero z-scored row scores 0), a block of queries at a time."""
+    mean, std = stats.mean.to(zq.device), stats.std.to(zq.device)
+    q_block = max(1, RESCORE_BYTES // (8 * max(1, cand.shape[1]) * zq.shape[1]))
+    out = torch.empty(cand.shape, dtype=torch.float64, device=zq.device)
+    for s in range(0, cand.shape[0], q_block):
+        c = cand[s : s + q_block]
+        z = (rows[c.reshape(-1)].to(zq.device, torch.float64) - mean) / std
+        n = z.norm(dim=1)
+        z = z / torch.where(n > 0, n, torch.ones_like(n))[:, None]
+        out[s : s + q_block] = (z.view(*c.shape, -1) * zq[s : s + q_block, None, :]).sum(-1)
+    return out
 
 
 def search_standardized(
