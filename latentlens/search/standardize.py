@@ -63,8 +63,8 @@ class RunningStats:
         if m == 0:
             return
         x = rows.detach().to("cpu", torch.float64)
-        mean_b = x.mean(dim=0)
-        m2_b = ((x - mean_b) ** 2).sum(dim=0)
+        var_b, mean_b = torch.var_mean(x, dim=0, correction=0)  # fused, fp64
+        m2_b = var_b * m
         n = self.n + m
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (m / n)
