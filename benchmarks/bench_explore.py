@@ -11,7 +11,8 @@ Columns (medians over --repeats rounds; each round loads ours and its roofline b
 back, so a busy machine slows both alike):
   landing          index.html to its load event (inline SVG plots, no script)
   model page       one model's page with all its thumbnails to its load event
-  image page       image.html#image=K&layer=L&patch=P to the three panels drawn
+  image page       image.html#image=K&layer=L&patch=P to the three panels drawn (the page's
+                   own clock; the stages line splits it: script start, data in, drawn)
   roofline         a blank page that only loads the same two data scripts (meta + layer)
   layer switch     the next layer's data loaded and everything redrawn (ours only)
   image switch     the next image's meta + layer loaded and redrawn ("n" key; ours only)
@@ -97,6 +98,15 @@ def synthetic_site(out: Path, images: int, layers: int, grid: int, top_k: int, s
     return time.perf_counter() - t0
 
 
+SWITCH = """const done = arguments[arguments.length - 1];
+document.body.dataset.ready = "0";
+const t0 = performance.now();
+TRIGGER
+(function poll() {
+  if (document.body.dataset.ready === "1") done(window.LL_TIMING.drawn - t0);
+  else setTimeout(poll, 0);
+})();"""
+
 ROOFLINE = """<!DOCTYPE html><html><head><meta charset="utf-8"><script>
 const T0 = performance.now(); window.LL = {image(){}, layer(){}, model(){}};
 </script></head><body>
@@ -146,6 +156,7 @@ def main() -> None:
         k: []
         for k in ("landing", "model page", "image page", "roofline", "layer switch", "image switch")
     }
+    stages: dict[str, list[float]] = {"script start": [], "data ready": [], "drawn": []}
     nav = (
         "const n = performance.getEntriesByType('navigation')[0];"
         "return n.loadEventEnd > 0 ? n.loadEventEnd : null;"
@@ -174,19 +185,22 @@ def main() -> None:
             d.get((out / "olmo-vit" / "index.html").as_uri())
             cols["model page"].append(wait(nav))
             d.get("about:blank")
-            d.get(
-                (out / "olmo-vit" / "image.html").as_uri() + f"#image={key}&layer={mid}&patch=300"
+            page = (out / "olmo-vit" / "image.html").as_uri()
+            d.get(page + f"#image={key}&layer={mid}&patch=300")
+            wait(ready)
+            timing = d.execute_script("return window.LL_TIMING")
+            cols["image page"].append(timing["drawn"])
+            for stage, name in (("script start", "scriptStart"), ("data ready", "dataReady"),
+                                ("drawn", "drawn")):  # fmt: skip
+                stages[stage].append(timing[name])
+            # the switches, timed inside the page (no WebDriver round trip in the figure)
+            layer_js = (
+                "const s=document.getElementById('layer');"
+                f"s.value='{layers[-1]}'; s.dispatchEvent(new Event('change'));"
             )
-            cols["image page"].append(wait(ready))
-            t0 = d.execute_script("document.body.dataset.ready='0';"
-                                  "const s=document.getElementById('layer');"
-                                  f"s.value='{layers[-1]}'; s.dispatchEvent(new Event('change'));"
-                                  "return performance.now();")  # fmt: skip
-            cols["layer switch"].append(wait(ready) - t0)
-            t0 = d.execute_script("document.body.dataset.ready='0';"
-                                  "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'n'}));"
-                                  "return performance.now();")  # fmt: skip
-            cols["image switch"].append(wait(ready) - t0)
+            key_js = "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'n'}));"
+            cols["layer switch"].append(d.execute_async_script(SWITCH.replace("TRIGGER", layer_js)))
+            cols["image switch"].append(d.execute_async_script(SWITCH.replace("TRIGGER", key_js)))
             d.get("about:blank")
             d.get((out / "olmo-vit" / "roofline.html").as_uri())
             cols["roofline"].append(wait("return window.LL_DONE === undefined ? null : LL_DONE;"))
@@ -198,6 +212,10 @@ def main() -> None:
     for k, v in med.items():
         print(f"{k:14s} {v:10.1f}")
     print(f"image page / roofline: {ratio:.2f}× (median of per-round ratios)")
+    print(
+        "image page stages (ms since navigation): "
+        + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in stages.items())
+    )
     tmp.cleanup()
 
 

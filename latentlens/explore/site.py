@@ -554,6 +554,28 @@ def _image_page(m: ModelPages) -> str:
  <section id="judge"></section>
 </div>
 </main>
+<script>
+// The addressed image's data start loading with the page, not after the script chain;
+// explorer.js takes over what arrived (window.LL_QUEUE).
+window.LL_QUEUE = [];
+window.LL = {{
+  image: function (d) {{ LL_QUEUE.push(["image", d]); }},
+  layer: function (d) {{ LL_QUEUE.push(["layer", d]); }},
+  model: function (d) {{ LL_QUEUE.push(["model", d]); }}
+}};
+(function () {{
+  var h = {{}};
+  location.hash.replace(/^#/, "").split("&").forEach(function (p) {{
+    var kv = p.split("=");
+    if (kv[0]) h[kv[0]] = decodeURIComponent(kv[1] || "");
+  }});
+  if (/^[0-9]+$/.test(h.image || "")) {{
+    document.write('<script src="data/' + h.image + '/meta.js"><\/script>');
+    if (/^[0-9]+$/.test(h.layer || ""))
+      document.write('<script src="data/' + h.image + '/L' + h.layer + '.js"><\/script>');
+  }}
+}})();
+</script>
 <script src="../assets/explorer.js"></script>
 <script src="data/model.js"></script>
 </body></html>
