@@ -61,12 +61,10 @@ class LatentLens(Lens):
         See :meth:`ContextualIndex.search_tensors`; all rows go in one call.
         """
         flat = self._flatten(hidden)
+        # standardize= only when asked: other index types keep working with the lens
+        extra = {"standardize": True} if self.standardize else {}
         return self.index.search_tensors(
-            flat,
-            self._k(top_k),
-            self.layers,
-            precision=self.precision,
-            standardize=self.standardize,
+            flat, self._k(top_k), self.layers, precision=self.precision, **extra
         )
 
     def topk(
