@@ -6,13 +6,9 @@ imports (torch, transformers) happen inside the commands so ``--help`` stays fas
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
@@ -21,30 +17,7 @@ from latentlens.cli_explain import (
     explain_image_command,
     explain_video_command,
 )
-from latentlens.options import parse_layers
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(fn: F) -> F:
-    """Turn user mistakes (bad input, settings, files) into one line on stderr and exit 1.
-
-    Set ``LATENTLENS_DEBUG=1`` to see the traceback instead.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from latentlens.errors import LatentLensError
-
-        try:
-            return fn(*args, **kwargs)
-        except (LatentLensError, ValueError, OSError) as e:
-            if os.environ.get("LATENTLENS_DEBUG"):
-                raise
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
+from latentlens.options import parse_layers, user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

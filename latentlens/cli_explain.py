@@ -7,7 +7,6 @@ command. The library is imported when the command runs, so `--help` stays fast.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from latentlens.options import parse_int_list
+from latentlens.options import parse_int_list, user_errors
 
 DEFAULT_MODEL = "Qwen/Qwen2-VL-7B-Instruct"
 DEFAULT_BANK = "McGill-NLP/latentlens-qwen2vl-embeddings"
@@ -160,6 +159,7 @@ def _write(path: Path, text: str) -> None:
     is_flag=True,
     help="Draw only the first layer in the PNG (the original's picture).",
 )
+@user_errors
 def explain_image_command(
     image,
     image_option,
@@ -190,7 +190,6 @@ def explain_image_command(
     word per layer); --json writes every patch, --html a self-contained explorer page.
     """
 
-    from latentlens.errors import LatentLensError
     from latentlens.explain import explain_image
     from latentlens.extract import build_index
     from latentlens.index import ContextualIndex
@@ -198,74 +197,68 @@ def explain_image_command(
     from latentlens.viz.patches import patch_figure
     from latentlens.vlm import load_image
 
-    try:
-        if image and image_option:
-            raise click.UsageError("give the image once: IMAGE or --image")
-        chosen = image or image_option
-        image_file = (
-            Path(chosen) if chosen else Path(str(files("latentlens") / "data" / "example.png"))
+    if image and image_option:
+        raise click.UsageError("give the image once: IMAGE or --image")
+    chosen = image or image_option
+    image_file = Path(chosen) if chosen else Path(str(files("latentlens") / "data" / "example.png"))
+    vlm, processor, run_device = _load(model, device, dtype)
+    if build_corpus:
+        target = Path(bank) if bank else Path(f"{Path(model).name}_bank")
+        index = build_index(
+            model,
+            build_corpus,
+            model=vlm,
+            tokenizer=processor.tokenizer,
+            layers=parse_int_list(bank_layers),
+            output_dir=target,
         )
-        vlm, processor, run_device = _load(model, device, dtype)
-        if build_corpus:
-            target = Path(bank) if bank else Path(f"{Path(model).name}_bank")
-            index = build_index(
-                model,
-                build_corpus,
-                model=vlm,
-                tokenizer=processor.tokenizer,
-                layers=parse_int_list(bank_layers),
-                output_dir=target,
-            )
-        else:
-            index = ContextualIndex.from_pretrained(
-                bank or DEFAULT_BANK, layers=parse_int_list(bank_layers)
-            )
-        index.to(run_device)
-        patches = None
-        image = load_image(image_file)
-        ex = explain_image(
-            vlm,
-            processor,
-            image,
-            index,
-            parse_int_list(layers) or [],
-            top_k=top_k,
-            size=size,
-            num_patches=num_patches,
-            seed=seed,
-            lenses=[x.strip() for x in lens_names.split(",") if x.strip()],
+    else:
+        index = ContextualIndex.from_pretrained(
+            bank or DEFAULT_BANK, layers=parse_int_list(bank_layers)
         )
-        if patch_list:
-            rc = [parse_int_list(p) for p in patch_list]
-            if any(x is None or len(x) != 2 for x in rc):
-                raise click.BadParameter("--patches takes 'row,col'")
-            patches = [r * ex.grid[1] + c for r, c in rc]  # type: ignore[misc]
-            bad = [
-                p
-                for p, (r, c) in zip(patches, rc, strict=True)
-                if not (0 <= r < ex.grid[0] and 0 <= c < ex.grid[1])
-            ]  # type: ignore[misc]
-            if bad:
-                raise click.BadParameter(
-                    f"patches outside the {ex.grid[0]}×{ex.grid[1]} grid: {patch_list}"
-                )
-            ex.patches = patches
-        ex.image_name = image_file.name
-        ex.image_path = str(image_file.resolve())
-        click.echo(ex.table())
-        stem = image_file.with_suffix("")
-        png = Path(out) if out else stem.parent / f"{stem.name}_latentlens.png"
-        fig = patch_figure(ex, layers=ex.layers[:1] if first_layer_only else None)
-        fig.savefig(png, dpi=100)
-        click.echo(f"wrote {png}", err=True)
-        if json_path is not None:
-            doc = json.dumps(ex.to_dict(all_patches=True), ensure_ascii=False)
-            _write(Path(json_path) if json_path else png.with_suffix(".json"), doc)
-        if html_path is not None:
-            _write(Path(html_path) if html_path else png.with_suffix(".html"), explorer_html(ex))
-    except (LatentLensError, ValueError, OSError) as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
+    index.to(run_device)
+    patches = None
+    image = load_image(image_file)
+    ex = explain_image(
+        vlm,
+        processor,
+        image,
+        index,
+        parse_int_list(layers) or [],
+        top_k=top_k,
+        size=size,
+        num_patches=num_patches,
+        seed=seed,
+        lenses=[x.strip() for x in lens_names.split(",") if x.strip()],
+    )
+    if patch_list:
+        rc = [parse_int_list(p) for p in patch_list]
+        if any(x is None or len(x) != 2 for x in rc):
+            raise click.BadParameter("--patches takes 'row,col'")
+        patches = [r * ex.grid[1] + c for r, c in rc]  # type: ignore[misc]
+        bad = [
+            p
+            for p, (r, c) in zip(patches, rc, strict=True)
+            if not (0 <= r < ex.grid[0] and 0 <= c < ex.grid[1])
+        ]  # type: ignore[misc]
+        if bad:
+            raise click.BadParameter(
+                f"patches outside the {ex.grid[0]}×{ex.grid[1]} grid: {patch_list}"
+            )
+        ex.patches = patches
+    ex.image_name = image_file.name
+    ex.image_path = str(image_file.resolve())
+    click.echo(ex.table())
+    stem = image_file.with_suffix("")
+    png = Path(out) if out else stem.parent / f"{stem.name}_latentlens.png"
+    fig = patch_figure(ex, layers=ex.layers[:1] if first_layer_only else None)
+    fig.savefig(png, dpi=100)
+    click.echo(f"wrote {png}", err=True)
+    if json_path is not None:
+        doc = json.dumps(ex.to_dict(all_patches=True), ensure_ascii=False)
+        _write(Path(json_path) if json_path else png.with_suffix(".json"), doc)
+    if html_path is not None:
+        _write(Path(html_path) if html_path else png.with_suffix(".html"), explorer_html(ex))
 
 
 @click.command(
@@ -285,6 +278,7 @@ def explain_image_command(
 )
 @_RUN_OPTIONS
 @_output_options("PNG strip", "the HTML explorer with a frame slider")
+@user_errors
 def explain_video_command(
     video,
     model,
@@ -311,48 +305,43 @@ def explain_video_command(
     explorer page with a slider over the temporal groups.
     """
 
-    from latentlens.errors import LatentLensError
     from latentlens.explain import explain_video
     from latentlens.index import ContextualIndex
     from latentlens.viz.html import video_explorer_html
     from latentlens.viz.video import video_strip
     from latentlens.vlm import load_frames
 
-    try:
-        source = list(video) if len(video) > 1 else video[0]
-        frames = load_frames(source, num_frames=num_frames)
-        vlm, processor, run_device = _load(model, device, dtype)
-        index = ContextualIndex.from_pretrained(
-            bank or DEFAULT_BANK, layers=parse_int_list(bank_layers)
-        )
-        index.to(run_device)
-        ex = explain_video(
-            vlm,
-            processor,
-            frames,
-            index,
-            parse_int_list(layers) or [],
-            top_k=top_k,
-            num_patches=num_patches,
-            seed=seed,
-        )
-        first = Path(video[0])
-        ex.video_name = first.name
-        ex.video_paths = [str(Path(v).resolve()) for v in video]
-        click.echo(ex.table())
-        stem = first.with_suffix("") if first.is_file() else first
-        png = Path(out) if out else stem.parent / f"{stem.name}_latentlens.png"
-        video_strip(ex).savefig(png, dpi=100)
-        click.echo(f"wrote {png}", err=True)
-        if json_path is not None:
-            doc = json.dumps(ex.to_dict(), ensure_ascii=False)
-            _write(Path(json_path) if json_path else png.with_suffix(".json"), doc)
-        if html_path is not None:
-            page = video_explorer_html(ex)
-            _write(Path(html_path) if html_path else png.with_suffix(".html"), page)
-    except (LatentLensError, ValueError, OSError) as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
+    source = list(video) if len(video) > 1 else video[0]
+    frames = load_frames(source, num_frames=num_frames)
+    vlm, processor, run_device = _load(model, device, dtype)
+    index = ContextualIndex.from_pretrained(
+        bank or DEFAULT_BANK, layers=parse_int_list(bank_layers)
+    )
+    index.to(run_device)
+    ex = explain_video(
+        vlm,
+        processor,
+        frames,
+        index,
+        parse_int_list(layers) or [],
+        top_k=top_k,
+        num_patches=num_patches,
+        seed=seed,
+    )
+    first = Path(video[0])
+    ex.video_name = first.name
+    ex.video_paths = [str(Path(v).resolve()) for v in video]
+    click.echo(ex.table())
+    stem = first.with_suffix("") if first.is_file() else first
+    png = Path(out) if out else stem.parent / f"{stem.name}_latentlens.png"
+    video_strip(ex).savefig(png, dpi=100)
+    click.echo(f"wrote {png}", err=True)
+    if json_path is not None:
+        doc = json.dumps(ex.to_dict(), ensure_ascii=False)
+        _write(Path(json_path) if json_path else png.with_suffix(".json"), doc)
+    if html_path is not None:
+        page = video_explorer_html(ex)
+        _write(Path(html_path) if html_path else png.with_suffix(".html"), page)
 
 
 @click.command(
@@ -386,6 +375,7 @@ def explain_video_command(
     flag_value="",
     help="Write JSON: every audio token with its time span (optional path).",
 )
+@user_errors
 def explain_audio_command(
     audio, model, bank, build_corpus, layers, bank_layers, prompt, top_k, every, device, dtype,
     json_path,
@@ -398,28 +388,23 @@ def explain_audio_command(
     --json, every token's start / end in seconds and its neighbours.
     """
     from latentlens.audio import explain_audio
-    from latentlens.errors import LatentLensError
     from latentlens.extract import build_index
     from latentlens.index import ContextualIndex
 
-    try:
-        if not bank and not build_corpus:
-            raise click.UsageError("give --bank BANK or --build-bank CORPUS")
-        net, processor, run_device = _load(model, device, dtype)
-        chosen = parse_int_list(bank_layers)
-        if build_corpus:
-            index = build_index(model, build_corpus, model=net, tokenizer=processor.tokenizer,
-                                layers=chosen, output_dir=bank or f"{Path(model).name}_bank")  # fmt: skip
-        else:
-            index = ContextualIndex.from_pretrained(bank, layers=chosen)
-        index.to(run_device)
-        ex = explain_audio(net, processor, audio, index, parse_int_list(layers) or [1],
-                           top_k=top_k, prompt=prompt)  # fmt: skip
-        ex.audio_name = Path(audio).name
-        click.echo(ex.table(every=max(1, every)))
-        if json_path is not None:
-            target = Path(json_path) if json_path else Path(audio).with_suffix(".latentlens.json")
-            _write(target, json.dumps(ex.to_dict(), ensure_ascii=False))
-    except (LatentLensError, ValueError, OSError) as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
+    if not bank and not build_corpus:
+        raise click.UsageError("give --bank BANK or --build-bank CORPUS")
+    net, processor, run_device = _load(model, device, dtype)
+    chosen = parse_int_list(bank_layers)
+    if build_corpus:
+        index = build_index(model, build_corpus, model=net, tokenizer=processor.tokenizer,
+                            layers=chosen, output_dir=bank or f"{Path(model).name}_bank")  # fmt: skip
+    else:
+        index = ContextualIndex.from_pretrained(bank, layers=chosen)
+    index.to(run_device)
+    ex = explain_audio(net, processor, audio, index, parse_int_list(layers) or [1],
+                       top_k=top_k, prompt=prompt)  # fmt: skip
+    ex.audio_name = Path(audio).name
+    click.echo(ex.table(every=max(1, every)))
+    if json_path is not None:
+        target = Path(json_path) if json_path else Path(audio).with_suffix(".latentlens.json")
+        _write(target, json.dumps(ex.to_dict(), ensure_ascii=False))
