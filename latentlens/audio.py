@@ -26,7 +26,7 @@ from latentlens.errors import LatentLensError, UnsupportedArchitectureError
 from latentlens.index import ContextualIndex
 from latentlens.models.hooks import get_hidden_states, validate_layers
 from latentlens.models.registry import num_layers
-from latentlens.results import Neighbor, neighbor_line
+from latentlens.results import Neighbor, neighbor_table
 
 logger = logging.getLogger(__name__)
 
@@ -244,16 +244,11 @@ class AudioExplanation:
 
     def table(self, every: int = 1) -> str:
         """A readable text table: each (``every``-th) token's time span and neighbours."""
-        lines = []
-        for layer in self.layers:
-            lines.append(f"── layer {layer} " + "─" * 60)
-            for a in self.addresses[::every]:
-                lines.append(f"  token {a.index:>4}  {a.start:7.2f}–{a.end:.2f} s")
-                lines += [
-                    f"{'':>5}" + neighbor_line(n, caption_width=70)
-                    for n in self.neighbors[layer][a.index]
-                ]
-        return "\n".join(lines)
+        labels = [
+            (a.index, f"  token {a.index:>4}  {a.start:7.2f}–{a.end:.2f} s")
+            for a in self.addresses[::every]
+        ]
+        return neighbor_table(self.neighbors, labels)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: every token with its time span and neighbours per layer."""

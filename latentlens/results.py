@@ -109,6 +109,22 @@ def neighbor_line(nb: Neighbor, *, caption_width: int = 90, score_format: str = 
     )
 
 
+def neighbor_table(
+    neighbors: Mapping[int, Sequence[Sequence[Neighbor]]], labels: Sequence[tuple[int, str]]
+) -> str:
+    """A text table per layer (ascending): each ``(token index, label)`` line, then that
+    token's neighbours (the explanations' ``table()``)."""
+    lines = []
+    for layer in sorted(neighbors):
+        lines.append(f"── layer {layer} " + "─" * 60)
+        for token, label in labels:
+            lines.append(label)
+            lines += [
+                f"{'':>5}" + neighbor_line(nb, caption_width=70) for nb in neighbors[layer][token]
+            ]
+    return "\n".join(lines)
+
+
 def _show(s: str) -> str:
     """A token for display: quoted like repr, so spaces and newlines are visible."""
     return repr(s)
@@ -310,17 +326,12 @@ class ImageExplanation:
 
     def table(self, patches: Sequence[int] | None = None) -> str:
         """A readable text table of the top neighbours of ``patches`` (default: highlighted)."""
-        lines = []
-        for layer in self.layers:
-            lines.append(f"── layer {layer} " + "─" * 60)
-            for i, p in enumerate(patches if patches is not None else self.patches, 1):
-                r, c = self.rc(p)
-                lines.append(f"  #{i:<2} patch {p:>4} (row {r:>2}, col {c:>2})")
-                lines += [
-                    f"{'':>5}" + neighbor_line(nb, caption_width=70)
-                    for nb in self.neighbors[layer][p]
-                ]
-        return "\n".join(lines)
+        chosen = patches if patches is not None else self.patches
+        labels = []
+        for i, p in enumerate(chosen, 1):
+            r, c = self.rc(p)
+            labels.append((p, f"  #{i:<2} patch {p:>4} (row {r:>2}, col {c:>2})"))
+        return neighbor_table(self.neighbors, labels)
 
     def to_dict(self, all_patches: bool = False) -> dict[str, Any]:
         """JSON-able results in the field names of the original release (SPEC §8), plus each
@@ -450,19 +461,17 @@ class VideoExplanation:
 
     def table(self, patches: Sequence[int] | None = None) -> str:
         """A readable text table of the top neighbours of ``patches`` (default: highlighted)."""
-        lines = []
-        for layer in self.layers:
-            lines.append(f"── layer {layer} " + "─" * 60)
-            for i, p in enumerate(patches if patches is not None else self.patches, 1):
-                a = self.addresses[p]
-                lines.append(
-                    f"  #{i:<2} frames {a.frames[0]}-{a.frames[1]} (row {a.row:>2}, col {a.col:>2})"
+        chosen = patches if patches is not None else self.patches
+        labels = []
+        for i, p in enumerate(chosen, 1):
+            a = self.addresses[p]
+            labels.append(
+                (
+                    p,
+                    f"  #{i:<2} frames {a.frames[0]}-{a.frames[1]} (row {a.row:>2}, col {a.col:>2})",
                 )
-                lines += [
-                    f"{'':>5}" + neighbor_line(nb, caption_width=70)
-                    for nb in self.neighbors[layer][p]
-                ]
-        return "\n".join(lines)
+            )
+        return neighbor_table(self.neighbors, labels)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able results: every visual token with its address and neighbours per layer."""
