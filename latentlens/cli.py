@@ -499,7 +499,7 @@ def explore(results: tuple[str, ...], out_dir: str, images_dir: str | None, titl
     PNGs, or folders of them (a reproduce run's site is its step 6: step6_explore.sh). Open
     SITE/index.html in a browser: it needs no server.
     """
-    from latentlens.explore import Site, add_explanations, find_explanations
+    from latentlens.explore import Site, add_explanations
 
     runs = [r for r in results if _is_reproduce_run(Path(r))]
     if runs:
@@ -508,7 +508,7 @@ def explore(results: tuple[str, ...], out_dir: str, images_dir: str | None, titl
             f"`bash reproduce/step6_explore.sh --out {runs[0]}` (written to {runs[0]}/site)"
         )
     with Site(out_dir, title=title) as site:
-        add_explanations(site, find_explanations(results), images_dir)
+        add_explanations(site, results, images_dir)
     index = Path(site.out) / "index.html"
     click.echo(f"wrote {site.out} — open {index.as_uri()}")
 

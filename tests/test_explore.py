@@ -194,6 +194,19 @@ def test_explore_errors_say_what_is_wrong(tmp_path, results):
     with pytest.raises(ExploreError, match="x_latentlens.json"):
         write_site([png], tmp_path / "s5")
     assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
+    # a folder: other JSON files are passed over; one with no explanation at all is refused
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "other.json").write_text('{"hello": 1}')
+    with pytest.raises(ExploreError, match="holds no explain-image"):
+        write_site([mixed], tmp_path / "s6")
+    (mixed / "photo.json").write_text(results["image"].read_text())
+    out = write_site([mixed], tmp_path / "s7")
+    manifest = json.loads((out / ".latentlens-site.json").read_text())
+    assert [m["images"] for m in manifest["models"]] == [1]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExploreError, match="holds no explain-image"):
+        write_site([tmp_path / "empty"], tmp_path / "s8")
 
 
 # ── in a real browser ──────────────────────────────────────────────────────────────────

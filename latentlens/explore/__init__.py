@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from latentlens.explore.explanations import add_explanations, find_explanations
+from latentlens.explore.explanations import add_explanations
 from latentlens.explore.site import Group, ModelPages, Site, Token, Verdict, grid_tokens
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "Token",
     "Verdict",
     "add_explanations",
-    "find_explanations",
     "grid_tokens",
     "write_site",
 ]
@@ -44,7 +43,6 @@ def write_site(
         ExploreError: unreadable results, a missing image, or an output folder that is not
             a latentlens site.
     """
-    files = find_explanations(results)
     with Site(out_dir, title=title) as site:
-        add_explanations(site, files, images_dir)
+        add_explanations(site, results, images_dir)
     return site.out

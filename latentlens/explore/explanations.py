@@ -22,44 +22,39 @@ from latentlens.results import Neighbor
 from latentlens.vlm import load_frames, load_image
 
 
-def find_explanations(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """The explanation JSON files named by ``paths``: files, folders (their ``*.json``
-    that are explanations), or a PNG / HTML that explain-image wrote beside its JSON.
+def _candidates(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[Path, Path | None]]:
+    """``(json file, the folder it was found in or None)`` for each result named: a file, a
+    folder (its ``*.json``), or a PNG / HTML that explain-image wrote beside its JSON. Only
+    names are checked here; each file is read once, when it is added.
 
     Raises:
-        ExploreError: a path that exists nowhere or holds no explanation.
+        ExploreError: a path that exists nowhere, a folder without JSON files, or a PNG /
+            HTML without its JSON.
     """
-    found: list[Path] = []
+    found: dict[Path, Path | None] = {}
     for p in map(Path, paths):
         if p.is_dir():
-            inside = [f for f in sorted(p.glob("*.json")) if _is_explanation(f)]
+            inside = sorted(p.glob("*.json"))
             if not inside:
                 raise ExploreError(
                     f"{p} holds no explain-image / explain-video JSON (run them with --json)"
                 )
-            found += inside
+            for f in inside:
+                found.setdefault(f, p)
         elif p.suffix.lower() == ".json" and p.is_file():
-            if not _is_explanation(p):
-                raise ExploreError(
-                    f"{p} is not the JSON of latentlens explain-image / explain-video"
-                )
-            found.append(p)
+            found[p] = None
         elif p.is_file() and p.with_suffix(".json").is_file():
-            found.append(p.with_suffix(".json"))
+            found[p.with_suffix(".json")] = None
         elif p.exists():
             raise ExploreError(
                 f"{p}: no {p.with_suffix('.json').name} beside it (run explain-image with --json)"
             )
         else:
             raise ExploreError(f"{p} does not exist")
-    return list(dict.fromkeys(found))
+    return list(found.items())
 
 
-def _is_explanation(path: Path) -> bool:
-    try:
-        doc = _read(path)
-    except ExploreError:
-        return False
+def _is_explanation(doc: Any) -> bool:
     return (
         isinstance(doc, dict)
         and isinstance(doc.get("layers"), dict)
@@ -196,56 +191,88 @@ def _geometry(
 
 
 def add_explanations(
-    site: Site, paths: Sequence[Path], images_dir: str | os.PathLike[str] | None = None
+    site: Site,
+    results: Iterable[str | os.PathLike[str]],
+    images_dir: str | os.PathLike[str] | None = None,
 ) -> None:
-    """Add each explanation file to ``site`` (one image or video per file; key = order).
+    """Add the explanations named by ``results`` to ``site``: JSON files of explain-image /
+    explain-video (one image or video each; key = order), folders of them (other JSON files
+    there are passed over), or the PNG / HTML written beside one.
 
     Raises:
-        ExploreError: a file that cannot be read, or whose picture cannot be found.
+        ExploreError: a path that exists nowhere, a file named that is not an explanation or
+            cannot be read, a folder without any, or a picture that cannot be found.
     """
     images = Path(images_dir) if images_dir else None
     keys: dict[str, int] = {}
-    for path in paths:
-        doc = _read(path)
-        video = "video" in doc
-        model_name = str(doc.get("model") or doc.get("family") or "model")
-        bank = str(doc.get("bank") or "")
-        name = f"{model_name} · {bank}" if bank else model_name
-        pages = site.model(name, label=model_name, family=str(doc.get("family", "")), bank=bank)
-        key = keys.get(name, 0)
-        keys[name] = key + 1
-        layers = sorted(doc["layers"].items(), key=lambda kv: int(kv[0]))
-        if not layers:
-            raise ExploreError(f"{path}: no layer in the results")
-        patches = layers[0][1]["patches"]
-        if video:
-            pictures = _video_frames(doc, path, images)
-            title = str(doc.get("video") or path.stem)
+    folders_used: dict[Path, bool] = {}
+    for path, folder in _candidates(results):
+        if folder is not None:
+            folders_used.setdefault(folder, False)
+            try:
+                doc = _read(path)
+            except ExploreError:
+                continue
+            if not _is_explanation(doc):
+                continue
+            folders_used[folder] = True
         else:
-            pictures = [_open_rgb(_picture_path(doc, path, images))]
-            title = str(doc.get("image") or path.stem)
-        try:
-            groups, tokens = _geometry(
-                patches, doc.get("grid") or [1, 1], [p.size for p in pictures], video
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise ExploreError(f"{path}: malformed patch entries ({e})") from e
-        pages.add_image(
-            key,
-            pictures=pictures,
-            groups=groups,
-            tokens=tokens,
-            name=title,
-            caption="",
-            kind="video" if video else "image",
-        )
-        ids = [t.id for t in tokens]
-        for layer, entry in layers:
-            by_id = {int(p["patch_idx"]): p for p in entry["patches"]}
-            if sorted(by_id) != sorted(ids):
+            doc = _read(path)
+            if not _is_explanation(doc):
                 raise ExploreError(
-                    f"{path}: layer {layer} holds other patches than layer {layers[0][0]}"
+                    f"{path} is not the JSON of latentlens explain-image / explain-video"
                 )
-            per = [patch_neighbors(by_id[i]) for i in ids]
-            lenses = {lens: [p[lens] for p in per] for lens in per[0]}
-            pages.add_layer(key, int(layer), lenses)
+        _add_one(site, path, doc, images, keys)
+    empty = [f for f, used in folders_used.items() if not used]
+    if empty:
+        raise ExploreError(
+            f"{empty[0]} holds no explain-image / explain-video JSON (run them with --json)"
+        )
+
+
+def _add_one(
+    site: Site, path: Path, doc: Mapping[str, Any], images: Path | None, keys: dict[str, int]
+) -> None:
+    """One explanation file (already read) → its model's pages."""
+    video = "video" in doc
+    model_name = str(doc.get("model") or doc.get("family") or "model")
+    bank = str(doc.get("bank") or "")
+    name = f"{model_name} · {bank}" if bank else model_name
+    pages = site.model(name, label=model_name, family=str(doc.get("family", "")), bank=bank)
+    key = keys.get(name, 0)
+    keys[name] = key + 1
+    layers = sorted(doc["layers"].items(), key=lambda kv: int(kv[0]))
+    if not layers:
+        raise ExploreError(f"{path}: no layer in the results")
+    patches = layers[0][1]["patches"]
+    if video:
+        pictures = _video_frames(doc, path, images)
+        title = str(doc.get("video") or path.stem)
+    else:
+        pictures = [_open_rgb(_picture_path(doc, path, images))]
+        title = str(doc.get("image") or path.stem)
+    try:
+        groups, tokens = _geometry(
+            patches, doc.get("grid") or [1, 1], [p.size for p in pictures], video
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ExploreError(f"{path}: malformed patch entries ({e})") from e
+    pages.add_image(
+        key,
+        pictures=pictures,
+        groups=groups,
+        tokens=tokens,
+        name=title,
+        caption="",
+        kind="video" if video else "image",
+    )
+    ids = [t.id for t in tokens]
+    for layer, entry in layers:
+        by_id = {int(p["patch_idx"]): p for p in entry["patches"]}
+        if sorted(by_id) != sorted(ids):
+            raise ExploreError(
+                f"{path}: layer {layer} holds other patches than layer {layers[0][0]}"
+            )
+        per = [patch_neighbors(by_id[i]) for i in ids]
+        lenses = {lens: [p[lens] for p in per] for lens in per[0]}
+        pages.add_layer(key, int(layer), lenses)
