@@ -129,8 +129,13 @@ def add_model(
             judge=judge,
         )
     for layer in tqdm(layers, desc=f"{model}: layers", unit="layer", leave=False):
-        loaded = {
-            lens: {x.image_idx: x for x in load_lens_layer(per[layer], layer).images}
+        loaded = {  # the smallest file was read above already
+            lens: {
+                x.image_idx: x
+                for x in (
+                    first if per[layer] == smallest else load_lens_layer(per[layer], layer)
+                ).images
+            }
             for lens, per in files.items()
             if layer in per
         }
