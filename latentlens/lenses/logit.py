@@ -157,7 +157,7 @@ class LogitLens(Lens):
         Returns:
             ``logits [N, k]`` float32 and ``token_ids [N, k]`` int64 on the CPU, best first.
         """
-        logits, _, ids = self.top_predictions(hidden, top_k)
+        logits, _, ids = self._top(hidden, top_k, probabilities=False)
         return logits, ids
 
     @torch.inference_mode()
@@ -173,6 +173,14 @@ class LogitLens(Lens):
             ``logits [N, k]``, ``probs [N, k]`` float32 and ``token_ids [N, k]`` int64 on
             the CPU, best first.
         """
+        logits, probs, ids = self._top(hidden, top_k, probabilities=True)
+        assert probs is not None
+        return logits, probs, ids
+
+    def _top(
+        self, hidden: torch.Tensor, top_k: int | None, *, probabilities: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        # the log-sum-exp (an exp over every logit) only when probabilities are wanted
         flat = self._flatten(hidden)
         k = min(self._k(top_k), self.vocab_size)
         blocks = self._vocab_blocks()
@@ -186,20 +194,25 @@ class LogitLens(Lens):
             lse: torch.Tensor | None = None
             for s, e in blocks:
                 block = self._block_logits(h, s, e)
-                block_lse = torch.logsumexp(block, dim=-1)
-                lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
                 v, i = torch.topk(block, min(k, e - s), dim=-1)
                 i = i + s
+                if probabilities:  # log-sum-exp in place: the block is not needed after top-k
+                    top = v[:, :1]
+                    m = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+                    block_lse = m[:, 0] + block.sub_(m).exp_().sum(dim=-1).log()
+                    lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
                 if best_s is not None and best_i is not None:
                     v, i = torch.cat([best_s, v], 1), torch.cat([best_i, i], 1)
                     v, pos = torch.topk(v, min(k, v.shape[1]), dim=-1)
                     i = i.gather(1, pos)
                 best_s, best_i = v, i
-            assert best_s is not None and best_i is not None and lse is not None
+            assert best_s is not None and best_i is not None
             out_s.append(best_s.cpu())
-            out_p.append(torch.exp(best_s - lse[:, None]).cpu())
+            if lse is not None:
+                out_p.append(torch.exp(best_s - lse[:, None]).cpu())
             out_i.append(best_i.cpu())
-        return torch.cat(out_s), torch.cat(out_p), torch.cat(out_i)
+        probs = torch.cat(out_p) if probabilities else None
+        return torch.cat(out_s), probs, torch.cat(out_i)
 
     def predict(self, hidden: torch.Tensor, top_k: int | None = None) -> list[list[Neighbor]]:
         """:class:`Neighbor` lists (score = logit, with its softmax probability) of each row
