@@ -5,6 +5,7 @@ browser (Chromium through Selenium): panels, deep links, spans, crops, the video
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -168,6 +169,13 @@ def test_site_is_swapped_in_whole_and_never_over_a_foreign_folder(tmp_path, resu
         raise Boom
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # the old site, whole
     assert not list(tmp_path.glob(".site.tmp-*"))  # and no half-written sibling left
+    # a writer killed with -9 leaves its temporary folder: the next run removes it
+    dead = tmp_path / ".site.tmp-999999999"
+    (dead / "pictures").mkdir(parents=True)
+    live = tmp_path / f".site.tmp-{os.getppid()}"  # a running writer's is kept
+    live.mkdir()
+    write_site([results["image"]], out)
+    assert not dead.exists() and live.exists()
     again = tmp_path / "again.json"
     again.write_text(results["image"].read_text())
     write_site([results["image"], again], out)  # an earlier site is replaced

@@ -308,12 +308,30 @@ class Site:
                 "folder or remove it"
             )
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale()
         self._tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
         if self._tmp.exists():
             shutil.rmtree(self._tmp)
         self._tmp.mkdir()
         self.models: dict[str, ModelPages] = {}
         self._pictures: dict[str, tuple[str, str]] = {}
+
+    def _sweep_stale(self) -> None:
+        """Remove what a killed writer of this site left beside it (its temporary or
+        replaced folder), unless that writer is still running."""
+        for leftover in self.out.parent.glob(f".{self.out.name}.*-*"):
+            kind, _, pid = leftover.name.rpartition("-")
+            if not kind.endswith((".tmp", ".old")) or not pid.isdigit():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                alive = int(pid) != os.getpid()
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:  # another user's live process
+                alive = True
+            if not alive:
+                shutil.rmtree(leftover, ignore_errors=True)
 
     @staticmethod
     def _replaceable(path: Path) -> bool:
